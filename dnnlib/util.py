@@ -1,0 +1,105 @@
+"""Plain helpers with no torch dependency."""
+
+import os
+import re
+import sys
+import tempfile
+import contextlib
+
+
+class EasyDict(dict):
+    """A dict whose keys are also attributes: d.key == d['key']."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def __delattr__(self, name):
+        del self[name]
+
+
+def parse_int_list(value):
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]; inclusive ranges, order and duplicates kept (reference rule)."""
+    if isinstance(value, list):
+        return value
+    result = []
+    for piece in value.split(','):
+        match = re.fullmatch(r'(\d+)-(\d+)', piece)
+        if match:
+            result.extend(range(int(match.group(1)), int(match.group(2)) + 1))
+        else:
+            result.append(int(piece))
+    return result
+
+
+def format_time(seconds):
+    """12 -> '12s', 754 -> '12m 34s', 4000 -> '1h 06m 40s', 100000 -> '1d 03h 46m' (the reference tick format)."""
+    s = int(round(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 60 * 60:
+        return f'{s // 60}m {s % 60:02d}s'
+    if s < 24 * 60 * 60:
+        return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
+    return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode='wb'):
+    """Open a temporary file beside `path`; rename it over `path` only if the block finishes without error."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+class Logger:
+    """Tee stdout and stderr into a file (append mode), flushing every write, until close()."""
+
+    def __init__(self, file_name=None, file_mode='a', should_flush=True):
+        self.file = open(file_name, file_mode) if file_name is not None else None
+        self.should_flush = should_flush
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        sys.stdout = self
+        sys.stderr = self
+
+    def write(self, text):
+        if not text:
+            return
+        if self.file is not None:
+            self.file.write(text)
+        self.stdout.write(text)
+        if self.should_flush:
+            self.flush()
+
+    def flush(self):
+        if self.file is not None:
+            self.file.flush()
+        self.stdout.flush()
+
+    def isatty(self):
+        return False
+
+    def close(self):
+        self.flush()
+        if sys.stdout is self:
+            sys.stdout = self.stdout
+        if sys.stderr is self:
+            sys.stderr = self.stderr
+        if self.file is not None:
+            self.file.close()
+            self.file = None
