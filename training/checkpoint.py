@@ -1,0 +1,123 @@
+"""Training states on disk: tensors and plain data only, written atomically, readable with weights_only=True.
+
+A file `training-state-{kimg:06d}.pt` is a torch.save'd dict:
+
+    format            'pfgmpp-training-state'
+    version           1
+    network_config    plain dict that networks.build_network() turns back into the preconditioned network,
+                      including class_name, the architecture and the augmentation dimension D (None = EDM)
+    net, ema          state_dicts (CPU tensors) of the trained network and of its EMA
+    optimizer_state   torch.optim state_dict
+    progress          {'cur_nimg': int, 'cur_tick': int, ...}: where the run stands
+    training_options  the run's configuration (what training_options.json holds)
+    extra             anything else the loop needs to resume exactly (RNG states, data order), plain data
+
+Nothing in it is a pickled class, so it opens on any PyTorch version and is safe to open.
+"""
+
+import os
+import re
+import glob
+import pickle
+import zipfile
+
+import torch
+
+from dnnlib.util import atomic_write
+
+FORMAT = 'pfgmpp-training-state'
+VERSION = 1
+STATE_NAME_RE = re.compile(r'training-state-(\d+)\.pt')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or not of a kind we can read. The message says which and why."""
+
+
+def state_file_name(kimg):
+    return f'training-state-{int(kimg):06d}.pt'
+
+
+def checkpoint_kimg(path):
+    """The kimg number in a training-state file name, or None when the name is not of that form."""
+    match = STATE_NAME_RE.fullmatch(os.path.basename(path))
+    return int(match.group(1)) if match else None
+
+
+def find_checkpoints(run_dir):
+    """Sorted [(kimg, path)] of the training states in run_dir (numbers of any length)."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(run_dir), 'training-state-*.pt')):
+        kimg = checkpoint_kimg(path)
+        if kimg is not None:
+            found.append((kimg, path))
+    return sorted(found)
+
+
+def _to_cpu(obj):
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def save_training_state(path, *, network_config, net_state, ema_state, optimizer_state, progress,
+                        training_options=None, extra=None):
+    """Write a training state atomically (temporary file, then rename)."""
+    state = dict(
+        format=FORMAT, version=VERSION, network_config=dict(network_config),
+        net=_to_cpu(net_state), ema=_to_cpu(ema_state), optimizer_state=_to_cpu(optimizer_state),
+        progress=dict(progress), training_options=training_options or {}, extra=_to_cpu(extra or {}),
+    )
+    with atomic_write(path, 'wb') as f:
+        torch.save(state, f)
+
+
+def load_training_state(path):
+    """Read and validate a training state written by save_training_state. Raises CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{path}: no such file')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f'{path}: not a readable training state ({first})') from None
+    if not isinstance(state, dict) or state.get('format') != FORMAT:
+        raise CheckpointError(f'{path}: not a PFGM++ training state (no "format": "{FORMAT}" entry)')
+    if state.get('version') != VERSION:
+        raise CheckpointError(f'{path}: training-state version {state.get("version")} is not supported '
+                              f'(this code reads version {VERSION})')
+    for key in ('network_config', 'net', 'ema', 'progress'):
+        if key not in state:
+            raise CheckpointError(f'{path}: training state lacks "{key}"')
+    return state
+
+
+def network_from_state(state, which='ema'):
+    """Build the network described by a loaded training state and fill in its `which` weights (eval mode, CPU)."""
+    from training.networks import build_network
+    try:
+        net = build_network(state['network_config'])
+        net.load_state_dict(state[which], strict=True)
+    except (ValueError, TypeError, RuntimeError, KeyError) as err:
+        raise CheckpointError(f'network in training state does not load: {str(err).splitlines()[0]}') from None
+    return net.eval().requires_grad_(False)
+
+
+def load_network(path, which='ema'):
+    """Open a network file for sampling: our training-state .pt, or the reference codebases' released files
+    (EDM network-snapshot-*.pkl, PFGM++ training-state-*.pt with pickled modules; see training/legacy.py)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{path}: no such file')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        ours = isinstance(state, dict) and state.get('format') == FORMAT
+    except Exception:  # a reference pickle, or not a torch file at all: legacy import decides
+        ours = False
+    if ours:
+        return network_from_state(load_training_state(path), which=which)
+    from training.legacy import load_legacy_network
+    return load_legacy_network(path)
