@@ -1,0 +1,371 @@
+"""The training loop: data → augment → loss → Adam, with DDP, gradient accumulation, EMA, ticks and checkpoints.
+
+One step consumes `batch_size` images over all processes: each of the `world` processes runs
+`num_accumulation_rounds` micro-batches of `batch_gpu` images (with STF, each micro-batch loads `rbatch` images
+per process: the first `batch_gpu` are trained on, all `rbatch` form the reference set). Everything the step
+reports stays on the device; statistics are read once per tick.
+
+Semantics kept from the reference (documented because they are visible in results):
+- lr = lr_base · min(cur_nimg / lr_rampup, 1) with cur_nimg counted *before* the step, so the very first step
+  has lr 0 (and only moves Adam's moment estimates).
+- EMA half-life `ema_halflife_kimg`, ramped up to `ema_rampup_ratio · cur_nimg` (None after --transfer); the
+  first step copies the network (β = 0).
+- Non-finite gradients become 0 / ±1e5 (nan_to_num); no clipping. Unlike the reference, gradients are divided
+  by `loss_scaling` before Adam, so --ls changes nothing but the float16 dynamic range.
+
+Resume is exact: a training state holds the network, EMA, Adam, cur_nimg, the tick counters, the position in the
+data stream and every process's RNG states (torch CPU/CUDA, numpy); see training/checkpoint.py.
+"""
+
+import copy
+import json
+import os
+import time
+
+import numpy as np
+import psutil
+import torch
+
+import dnnlib
+from torch_utils import distributed, misc, precision, training_stats
+from training import augment, checkpoint, dataset, loss, networks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the pieces from their plain-data options (the training_options.json form).
+
+
+def _short_class_name(kwargs, kind):
+    if 'class_name' not in kwargs:
+        raise ValueError(f'{kind} options lack "class_name": {kwargs}')
+    return kwargs['class_name'].rsplit('.', 1)[-1]
+
+
+def build_dataset(dataset_kwargs):
+    kwargs = dict(dataset_kwargs)
+    name = _short_class_name(kwargs, 'dataset')
+    if name != 'ImageFolderDataset':
+        raise ValueError(f'unknown dataset class {kwargs["class_name"]!r}')
+    del kwargs['class_name']
+    return dataset.ImageFolderDataset(**kwargs)
+
+
+def network_config_of(network_kwargs, img_resolution, img_channels, label_dim, D):
+    """The `net.config`-style dict for the reference-style network_kwargs plus the dataset's interface."""
+    kwargs = dict(network_kwargs)
+    name = _short_class_name(kwargs, 'network')
+    del kwargs['class_name']
+    return dict(class_name=name, img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                D=D, **kwargs)
+
+
+def build_network(network_kwargs, img_resolution, img_channels, label_dim, D):
+    return networks.build_network(network_config_of(network_kwargs, img_resolution, img_channels, label_dim, D))
+
+
+def build_loss(loss_kwargs):
+    kwargs = dict(loss_kwargs)
+    kwargs['class_name'] = _short_class_name(kwargs, 'loss')
+    return loss.build_loss(kwargs)
+
+
+def build_augment_pipe(augment_kwargs):
+    if augment_kwargs is None:
+        return None
+    kwargs = dict(augment_kwargs)
+    if _short_class_name(kwargs, 'augment') != 'AugmentPipe':
+        raise ValueError(f'unknown augmentation class {kwargs["class_name"]!r}')
+    del kwargs['class_name']
+    return augment.AugmentPipe(**kwargs)
+
+
+def build_optimizer(optimizer_kwargs, params):
+    kwargs = dict(optimizer_kwargs)
+    name = _short_class_name(kwargs, 'optimizer')
+    del kwargs['class_name']
+    if not hasattr(torch.optim, name):
+        raise ValueError(f'unknown optimizer {optimizer_kwargs["class_name"]!r}')
+    return getattr(torch.optim, name)(params, **kwargs)
+
+
+# Runtime knobs that may change between a checkpoint and the run resuming it; everything else must match.
+RESUME_MAY_DIFFER = ('dropout', 'use_fp16')
+
+
+def check_resume_compatible(state, network_config, path='checkpoint'):
+    """Raise CheckpointError unless the training state holds this run's network (same config, same tensors)."""
+    saved = state['network_config']
+    differing = sorted(key for key in set(saved) | set(network_config)
+                       if key not in RESUME_MAY_DIFFER and saved.get(key, '<unset>') != network_config.get(key, '<unset>'))
+    if differing:
+        details = ', '.join(f'{key} {saved.get(key, "<unset>")!r} in the checkpoint vs {network_config.get(key, "<unset>")!r} '
+                            f'here' for key in differing[:3])
+        raise checkpoint.CheckpointError(f'{path}: the network in the checkpoint does not match this run ({details})')
+
+
+def batch_layout(batch_size, batch_gpu, world_size):
+    """(batch_gpu, num_accumulation_rounds) for a global batch; ValueError when it does not split evenly."""
+    batch_gpu_total = batch_size // world_size
+    if batch_gpu is None or batch_gpu > batch_gpu_total:
+        batch_gpu = batch_gpu_total
+    rounds = batch_gpu_total // batch_gpu if batch_gpu > 0 else 0
+    if batch_gpu == 0 or batch_size != batch_gpu * rounds * world_size:
+        raise ValueError(f'batch size {batch_size} does not split into {world_size} process(es) × '
+                         f'micro-batches of {batch_gpu} × accumulation rounds; choose --batch as a multiple of '
+                         f'{world_size} × --batch-gpu')
+    return batch_gpu, rounds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One step. Kept as small functions so precision modes / fused optimizers / compile can wrap them later.
+
+
+def accumulate_gradients(ddp, loss_fn, images, labels, augment_pipe, ref_images, grad_scale, sync):
+    """Forward and backward of one micro-batch; gradients accumulate in .grad. Reports Loss/loss on the device."""
+    with misc.ddp_sync(ddp, sync):
+        per_element = loss_fn(ddp, images, labels, augment_pipe=augment_pipe, ref_images=ref_images)
+        training_stats.report('Loss/loss', per_element)
+        per_element.sum().mul(grad_scale).backward()
+
+
+def optimizer_step(net, optimizer, lr, loss_scaling):
+    """Set the learning rate, sanitise the gradients, and step (no host synchronisation)."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    for param in net.parameters():
+        if param.grad is not None:
+            if loss_scaling != 1:
+                param.grad.div_(loss_scaling)
+            torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+    optimizer.step()
+
+
+@torch.no_grad()
+def update_ema(ema, net, beta):
+    """ema ← net + β·(ema − net) for parameters; buffers are copied so EMA and network never drift apart."""
+    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+        p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+    for b_ema, b_net in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b_net)
+
+
+def ema_beta(batch_size, cur_nimg, ema_halflife_kimg, ema_rampup_ratio):
+    halflife_nimg = ema_halflife_kimg * 1000
+    if ema_rampup_ratio is not None:
+        halflife_nimg = min(halflife_nimg, cur_nimg * ema_rampup_ratio)
+    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+
+def _stream_seed(seed, rank, world_size):
+    return (int(seed) * world_size + rank) % (1 << 31)
+
+
+def _next_batch(data_iter, device):
+    images, labels = next(data_iter)
+    images = images.to(device).to(torch.float32) / 127.5 - 1
+    return images, labels.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def training_loop(
+    run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network_kwargs={}, loss_kwargs={}, optimizer_kwargs={},
+    augment_kwargs=None, seed=0, batch_size=512, batch_gpu=None, total_kimg=200000, ema_halflife_kimg=500,
+    ema_rampup_ratio=0.05, lr_rampup_kimg=10000, loss_scaling=1, kimg_per_tick=50, snapshot_ticks=50,
+    state_dump_ticks=500, resume_pkl=None, resume_state_dump=None, resume_kimg=0, cudnn_benchmark=True,
+    stf=False, rbatch=4096, D=None, pfgmpp=None, opts=None, device=None,
+):
+    """Train; returns EasyDict(net, ema, cur_nimg). Options are the training_options.json entries (see train.py).
+
+    resume_pkl: a network file to initialise from (--transfer). resume_state_dump: a training state to continue.
+    snapshot_ticks is accepted for compatibility: only training states are written (every state_dump_ticks).
+    pfgmpp and opts are recorded for the reader and not used (D decides: None = EDM).
+    """
+    training_options = {key: value for key, value in locals().items() if key != 'device'}
+    device = torch.device(device) if device is not None else distributed.device()
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    start_time = time.time()
+
+    batch_gpu, num_accumulation_rounds = batch_layout(batch_size, batch_gpu, world_size)
+    batch_gpu_total = batch_size // world_size
+    if stf and rbatch < batch_gpu:
+        raise ValueError(f'rbatch ({rbatch} per process) must be at least the micro-batch ({batch_gpu})')
+    loader_batch = rbatch if stf else batch_gpu
+    torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+    precision.configure_backends('fp32')
+
+    state = checkpoint.load_training_state(resume_state_dump) if resume_state_dump else None
+    progress = dict(cur_nimg=0, cur_tick=0, tick_start_nimg=0, data_position=0)
+    if state is not None:
+        progress.update({key: int(state['progress'][key]) for key in progress if key in state['progress']})
+
+    # Network initialisation is the same on every rank and independent of the process count.
+    torch.manual_seed(seed)
+    distributed.print0('Loading dataset...')
+    dataset_obj = build_dataset(dataset_kwargs)
+    sampler = misc.InfiniteSampler(dataset_obj, rank=rank, num_replicas=world_size, seed=seed,
+                                   start=progress['data_position'])
+    num_workers = int(data_loader_kwargs.get('num_workers', 1))
+    loader = torch.utils.data.DataLoader(
+        dataset_obj, sampler=sampler, batch_size=loader_batch, num_workers=num_workers,
+        pin_memory=bool(data_loader_kwargs.get('pin_memory', True)) and device.type == 'cuda',
+        prefetch_factor=data_loader_kwargs.get('prefetch_factor', 2) if num_workers > 0 else None,
+        multiprocessing_context='spawn' if num_workers > 0 else None,  # forked ZIP handles are unsafe
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed))  # worker seeds must not draw from the global stream
+
+    distributed.print0('Constructing network...')
+    net = build_network(network_kwargs, dataset_obj.resolution, dataset_obj.num_channels, dataset_obj.label_dim, D)
+    net.train().requires_grad_(True).to(device)
+    if rank == 0:
+        with torch.no_grad():
+            images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+            sigma = torch.ones([batch_gpu], device=device)
+            labels = torch.zeros([batch_gpu, net.label_dim], device=device)
+            augment_labels = {}
+            if network_kwargs.get('augment_dim'):
+                augment_labels['augment_labels'] = torch.zeros([batch_gpu, network_kwargs['augment_dim']],
+                                                               device=device)
+            misc.print_module_summary(_WithKwargs(net, augment_labels), [images, sigma, labels], max_nesting=3)
+
+    distributed.print0('Setting up training state...')
+    loss_fn = build_loss(loss_kwargs)
+    augment_pipe = build_augment_pipe(augment_kwargs)
+    optimizer = build_optimizer(optimizer_kwargs, net.parameters())
+    if resume_pkl is not None and state is None:
+        distributed.print0(f'Initialising from "{resume_pkl}"...')
+        misc.copy_params_and_buffers(checkpoint.load_network(resume_pkl), net, require_all=False)
+    if state is not None:
+        distributed.print0(f'Resuming from "{resume_state_dump}" at {progress["cur_nimg"] / 1e3:.3f} kimg...')
+        check_resume_compatible(state, net.config, resume_state_dump)
+        net.load_state_dict(state['net'])
+        optimizer.load_state_dict(state['optimizer_state'])
+    ddp = net
+    if world_size > 1:  # DDP broadcasts rank 0's parameters and buffers (e.g. Fourier frequencies) at start
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    if state is not None:
+        ema.load_state_dict(state['ema'])
+
+    # The per-process random stream (noise, σ, augmentation, dropout), restored exactly on resume.
+    saved_rng = state.get('extra', {}).get('rng_states') if state is not None else None
+    if saved_rng is not None and len(saved_rng) == world_size:
+        misc.set_rng_state(saved_rng[rank], device)
+    else:
+        if saved_rng is not None:
+            distributed.print0(f'Note: the checkpoint was written by {len(saved_rng)} process(es), this run has '
+                               f'{world_size}; random streams are reseeded, so the run is not bit-identical.')
+        stream_seed = _stream_seed(seed, rank, world_size) + progress['cur_nimg']
+        torch.manual_seed(stream_seed)
+        np.random.seed(stream_seed % (1 << 31))
+    del state  # free the loaded tensors
+
+    # Training.
+    cur_nimg, cur_tick = progress['cur_nimg'], progress['cur_tick']
+    tick_start_nimg, data_position = progress['tick_start_nimg'], progress['data_position']
+    total_nimg = total_kimg * 1000
+    distributed.print0(f'Training for {total_kimg} kimg...')
+    distributed.print0()
+    stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at') if rank == 0 else None
+    tick_start_time = time.time()
+    tick_end_time = tick_start_time
+    maintenance_time = tick_start_time - start_time
+    data_iter = iter(loader) if cur_nimg < total_nimg else None
+    done = cur_nimg >= total_nimg
+    while not done:
+        optimizer.zero_grad(set_to_none=True)
+        for round_idx in range(num_accumulation_rounds):
+            images, labels = _next_batch(data_iter, device)
+            ref_images = images if stf else None
+            accumulate_gradients(ddp, loss_fn, images[:batch_gpu], labels[:batch_gpu], augment_pipe, ref_images,
+                                 grad_scale=loss_scaling / batch_gpu_total,
+                                 sync=round_idx == num_accumulation_rounds - 1)
+        lr = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+        optimizer_step(net, optimizer, lr, loss_scaling)
+        update_ema(ema, net, ema_beta(batch_size, cur_nimg, ema_halflife_kimg, ema_rampup_ratio))
+
+        cur_nimg += batch_size
+        data_position += loader_batch * num_accumulation_rounds * world_size
+        done = cur_nimg >= total_nimg
+        if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+            continue
+
+        # Tick: status line, statistics, checkpoint.
+        tick_end_time = time.time()
+        fields = []
+        fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
+        fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.1f}"]
+        fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
+        fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
+        fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
+        fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
+        fields += [f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
+        gpu_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0
+        gpu_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == 'cuda' else 0
+        fields += [f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem):<6.2f}"]
+        fields += [f"reserved {training_stats.report0('Resources/peak_gpu_mem_reserved_gb', gpu_reserved):<6.2f}"]
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
+        distributed.print0(' '.join(fields))
+
+        if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
+            save_state(run_dir, net, ema, optimizer, device, training_options,
+                       progress=dict(cur_nimg=cur_nimg, cur_tick=cur_tick + 1, tick_start_nimg=cur_nimg,
+                                     data_position=data_position, seed=int(seed), world_size=world_size,
+                                     batch_size=batch_size))
+
+        training_stats.default_collector.update()
+        if stats_jsonl is not None:
+            stats_jsonl.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
+            stats_jsonl.flush()
+
+        cur_tick += 1
+        tick_start_nimg = cur_nimg
+        tick_start_time = time.time()
+        maintenance_time = tick_start_time - tick_end_time
+
+    if world_size > 1:
+        misc.check_ddp_consistency(net)
+        misc.check_ddp_consistency(ema)
+        distributed.print0(f'Network and EMA weights are identical on all {world_size} processes.')
+    if stats_jsonl is not None:
+        stats_jsonl.close()
+    distributed.print0()
+    distributed.print0('Exiting...')
+    return dnnlib.EasyDict(net=net, ema=ema, cur_nimg=cur_nimg)
+
+
+def save_state(run_dir, net, ema, optimizer, device, training_options, progress):
+    """Write training-state-{kimg:06d}.pt on rank 0 (collective: every rank contributes its RNG state)."""
+    rng_state = misc.get_rng_state(device)
+    if distributed.get_world_size() > 1:
+        misc.check_ddp_consistency(net)
+        rng_states = [None] * distributed.get_world_size()
+        torch.distributed.all_gather_object(rng_states, rng_state)
+    else:
+        rng_states = [rng_state]
+    if distributed.get_rank() == 0:
+        path = os.path.join(run_dir, checkpoint.state_file_name(progress['cur_nimg'] // 1000))
+        checkpoint.save_training_state(
+            path, network_config=net.config, net_state=net.state_dict(), ema_state=ema.state_dict(),
+            optimizer_state=optimizer.state_dict(), progress=progress,
+            training_options=_plain(training_options), extra=dict(rng_states=rng_states))
+    distributed.barrier()
+
+
+def _plain(options):
+    """JSON round trip: the checkpoint's copy of the options holds plain data only."""
+    return json.loads(json.dumps(options, default=str))
+
+
+class _WithKwargs(torch.nn.Module):
+    """Calls `module(*inputs, **kwargs)` so the summary can pass keyword-only inputs such as augment_labels."""
+
+    def __init__(self, module, kwargs):
+        super().__init__()
+        self.module = module
+        self.kwargs = kwargs
+
+    def forward(self, *inputs):
+        return self.module(*inputs, **self.kwargs)
