@@ -1,0 +1,171 @@
+"""Samplers: grid formulas, exact-denoiser convergence onto the data for every D, per-seed determinism."""
+
+import math
+
+import pytest
+import torch
+
+from training import sampler as S
+from training.pfgmpp import posterior_logits
+
+
+class ExactDenoiser(torch.nn.Module):
+    """The ideal denoiser of a finite dataset: E[y | x, σ] under the PFGM++ kernel (Gaussian for D=None)."""
+
+    def __init__(self, data, D, sigma_min=0.0, sigma_max=float('inf')):
+        super().__init__()
+        self.data = data.to(torch.float64)  # [R, C, H, W]
+        self.D = D
+        self.img_channels, self.img_resolution = data.shape[1], data.shape[2]
+        self.label_dim = 0
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.calls = 0
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def forward(self, x, sigma, class_labels=None):
+        self.calls += 1
+        flat = x.to(torch.float64).reshape(x.shape[0], -1)
+        refs = self.data.reshape(self.data.shape[0], -1)
+        weights = torch.softmax(posterior_logits(flat, refs, sigma.reshape(-1), self.D), dim=1)
+        return (weights @ refs).reshape(x.shape)
+
+
+def toy_data(count=6, channels=1, resolution=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand([count, channels, resolution, resolution], generator=g, dtype=torch.float64) * 2 - 1
+
+
+def test_edm_grid_matches_reference_values():
+    net = ExactDenoiser(toy_data(), None)
+    t = S.edm_sigma_steps(net, 18, 0.002, 80, 7)
+    expected = [80, 57.586, 40.786, 28.375, 19.353, 12.910, 8.401, 5.315, 3.257, 1.923, 1.088, 0.585, 0.296,
+                0.140, 0.060, 0.023, 0.0075, 0.002]
+    assert len(t) == 18
+    for got, want in zip(t, expected):
+        assert got == pytest.approx(want, rel=1e-4, abs=5e-4)  # the listed values are rounded
+    # Closed form at the ends and ρ-spacing in between.
+    assert t[0] == pytest.approx(80, rel=1e-14) and t[-1] == pytest.approx(0.002, rel=1e-12)
+    assert t[5] == pytest.approx((80 ** (1 / 7) + 5 / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7, rel=1e-14)
+
+
+def test_grid_is_clamped_to_the_network_range_and_rejects_bad_steps():
+    net = ExactDenoiser(toy_data(), None, sigma_min=0.01, sigma_max=50)
+    t = S.edm_sigma_steps(net, 5, 0.002, 80, 7)
+    assert t[0] == pytest.approx(50) and t[-1] == pytest.approx(0.01)
+    assert S.prior_sigma(net, num_steps=5, sigma_max=None) == pytest.approx(50)
+    for bad in (1, 0, 2.5):
+        with pytest.raises(ValueError, match='num_steps'):
+            S.edm_sigma_steps(net, bad)
+
+
+@pytest.mark.parametrize('D', [2, 64, 2048, None])
+@pytest.mark.parametrize('num_steps', [18, 35])
+def test_exact_denoiser_lands_on_the_data(D, num_steps):
+    data = toy_data(count=6, channels=1, resolution=4)
+    net = ExactDenoiser(data, D)
+    seeds = list(range(12))
+    rnd = S.SeedRandom(seeds, 'cpu')
+    sigma0 = S.prior_sigma(net, num_steps=num_steps)
+    latents = rnd.prior(data.shape[1:], sigma0, D)
+    x0 = S.edm_sampler(net, latents, randn_like=rnd.randn_like, num_steps=num_steps)
+    assert net.calls == 2 * num_steps - 1
+    flat = x0.reshape(len(seeds), -1)
+    refs = data.reshape(len(data), -1)
+    nearest = torch.cdist(flat, refs).min(dim=1).values
+    spread = torch.pdist(refs).min()
+    assert nearest.max() < 1e-3 * spread, (D, nearest)
+
+
+def test_prior_radius_follows_the_kernel():
+    """Per-seed prior has the right norm law: E‖x‖² = σ²·N·D/(D−2) for the Student-t form."""
+    seeds = list(range(4000))
+    N, D, sigma = 16, 8.0, 3.0
+    x = S.SeedRandom(seeds, 'cpu').prior((1, 4, 4), sigma, D)
+    mean_sq = x.reshape(len(seeds), -1).square().sum(1).mean().item()
+    assert mean_sq == pytest.approx(sigma ** 2 * N * D / (D - 2), rel=0.1)
+
+
+def test_alpha_injection_and_churn_are_per_seed_and_batch_independent():
+    data = toy_data(count=5, channels=2, resolution=4, seed=1)
+    net = ExactDenoiser(data, 64.0)
+    seeds = [7, 3, 11, 0, 5]
+    kwargs = dict(num_steps=6, S_churn=5, S_min=0.05, S_max=50, S_noise=1.003, noise_alpha=0.1)
+
+    def run(seed_list):
+        rnd = S.SeedRandom(seed_list, 'cpu')
+        latents = rnd.prior(data.shape[1:], S.prior_sigma(net, **kwargs), net.D)
+        return S.sample(net, latents, randn_like=rnd.randn_like, **kwargs)
+
+    full = run(seeds)
+    for i, seed in enumerate(seeds):
+        assert torch.equal(run([seed])[0], full[i])
+    assert torch.equal(run(seeds[::-1]), full.flip(0))
+    # α actually perturbs the trajectory.
+    kwargs['noise_alpha'] = 0
+    assert not torch.allclose(run(seeds), full)
+
+
+def test_ablation_defaults_equal_edm_sampler():
+    data = toy_data(count=4, channels=1, resolution=4, seed=2)
+    net = ExactDenoiser(data, None)
+    rnd = S.SeedRandom([1, 2, 3], 'cpu')
+    latents = rnd.prior(data.shape[1:], 80, None)
+    a = S.edm_sampler(net, latents, num_steps=10)
+    b = S.ablation_sampler(net, latents, num_steps=10, sigma_min=0.002, sigma_max=80)
+    assert torch.allclose(a, b, rtol=0, atol=1e-10)
+    # The CLI dispatcher: an ablation option switches samplers; the default ablation range is EDM's.
+    assert S.uses_ablation(dict(solver='heun')) and not S.uses_ablation(dict(solver=None, num_steps=5))
+    c = S.sample(net, latents, num_steps=10, solver='heun')
+    assert torch.allclose(a, c, rtol=0, atol=1e-10)
+
+
+def test_ablation_vp_grid_and_schedule_closed_forms():
+    net = ExactDenoiser(toy_data(), None)
+    sched = S._AblationSchedule(net, 18, None, None, 7, 'vp', 'vp', 'vp', 1e-3, 0.001, 0.008, 1000)
+    sigma_vp = lambda t, bd=19.9, bm=0.1: math.sqrt(math.exp(0.5 * bd * t * t + bm * t) - 1)
+    # Default VP range: σ_VP(ε_s) … σ_VP(1) with β_d = 19.9, β_min = 0.1.
+    assert sched.sigma(sched.t_steps[0]) == pytest.approx(sigma_vp(1), rel=1e-9)
+    assert sched.sigma(sched.t_steps[-2]) == pytest.approx(sigma_vp(1e-3), rel=1e-9)
+    assert sigma_vp(1e-3) == pytest.approx(0.010486, rel=1e-4) and sigma_vp(1) == pytest.approx(152.167, rel=1e-5)
+    assert sched.t_steps[0] == pytest.approx(1, rel=1e-9) and sched.t_steps[-1] == 0
+    # σ'(t) by finite differences, s'(t) likewise, σ⁻¹(σ(t)) = t.
+    t, h = 0.37, 1e-6
+    assert sched.sigma_deriv(t) == pytest.approx((sched.sigma(t + h) - sched.sigma(t - h)) / (2 * h), rel=1e-6)
+    assert sched.s_deriv(t) == pytest.approx((sched.s(t + h) - sched.s(t - h)) / (2 * h), rel=1e-6)
+    assert sched.sigma_inv(sched.sigma(t)) == pytest.approx(t, rel=1e-12)
+    ve = S._AblationSchedule(net, 5, None, None, 7, 've', 've', 'none', 1e-3, 0.001, 0.008, 1000)
+    assert [ve.sigma(t) for t in ve.t_steps[:-1]] == pytest.approx(
+        [100 * (0.02 / 100) ** (i / 4) for i in range(5)], rel=1e-12)
+    iddpm = S._AblationSchedule(net, 4, None, None, 7, 'iddpm', 'linear', 'none', 1e-3, 0.001, 0.008, 1000)
+    u = [v for v in S._iddpm_levels(0.001, 0.008, 1000) if 0.002 <= v <= 81]
+    assert iddpm.t_steps[:-1] == [u[0], u[round((len(u) - 1) / 3)], u[round(2 * (len(u) - 1) / 3)], u[-1]]
+
+
+@pytest.mark.parametrize('config, tolerance', [
+    (dict(solver='euler', discretization='edm', schedule='linear', scaling='none', num_steps=60), 1e-2),
+    # VP and VE schedules have σ ∝ √t near 0, so the last (Euler) step from σ_min to 0 removes only half of the
+    # remaining noise: the floor is ≈ σ_min·√N / 2 (0.02 for VP's σ_min 0.0105, 0.04 for VE's 0.02; N = 16).
+    # The VP ODE is also stiff (EDM Fig. 2 needs hundreds of NFE), hence 100 steps.
+    (dict(solver='heun', discretization='vp', schedule='vp', scaling='vp', num_steps=100), 2e-2),
+    (dict(solver='heun', discretization='ve', schedule='ve', scaling='none', num_steps=30), 3e-2),
+    (dict(solver='heun', discretization='iddpm', schedule='linear', scaling='none', num_steps=30), 1e-2),
+])
+@pytest.mark.parametrize('D', [64, None])
+def test_ablation_sampler_lands_on_the_data(config, tolerance, D):
+    data = toy_data(count=5, channels=1, resolution=4, seed=3)
+    net = ExactDenoiser(data, D)
+    rnd = S.SeedRandom(range(8), 'cpu')
+    latents = rnd.prior(data.shape[1:], S.prior_sigma(net, **config), D)
+    x0 = S.sample(net, latents, randn_like=rnd.randn_like, **config)
+    nearest = torch.cdist(x0.reshape(8, -1), data.reshape(5, -1)).min(dim=1).values
+    assert nearest.max() < tolerance * torch.pdist(data.reshape(5, -1)).min(), nearest
+
+
+def test_bad_ablation_choice_is_a_value_error():
+    net = ExactDenoiser(toy_data(), None)
+    with pytest.raises(ValueError, match='solver'):
+        S.ablation_sampler(net, torch.zeros(1, 1, 4, 4), solver='rk4')
+    with pytest.raises(ValueError, match='discretization'):
+        S.prior_sigma(net, discretization='cosine')

@@ -1,0 +1,268 @@
+"""Samplers for the probability-flow ODE dx/dσ = (x − D(x; σ))/σ, shared by EDM (D → ∞) and PFGM++ (finite D).
+
+PFGM++ with the alignment r = σ√D has exactly EDM's ODE in σ (paper §1.5); only the prior differs. So the
+samplers here take `latents` that are x already drawn from the prior at the first noise level of their grid
+(σ·N(0, I) for EDM, `training.pfgmpp.sample_noise(shape, σ, D)` for PFGM++); `prior_sigma()` says which level
+that is. The ODE state is kept in float64; the network is called in one place, `denoise()`.
+
+Randomness (churn and α noise injection) is drawn through `randn_like`, normally the per-seed
+`SeedRandom.randn_like`, so every image depends on its own seed only.
+"""
+
+import math
+
+import torch
+
+from training.pfgmpp import sample_noise
+
+__all__ = ['denoise', 'edm_sigma_steps', 'edm_sampler', 'ablation_sampler', 'ABLATION_OPTIONS', 'uses_ablation',
+           'prior_sigma', 'sample', 'SeedRandom']
+
+ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling')
+
+
+def denoise(net, x, sigma, class_labels=None):
+    """D(x; σ) in float64: the single place where samplers call the network. sigma: a Python float."""
+    sigma = torch.full((x.shape[0],), float(sigma), dtype=torch.float64, device=x.device)
+    return net(x, sigma, class_labels).to(torch.float64)
+
+
+def _round_sigma(net, sigma):
+    """net.round_sigma on a Python float, returned as a Python float (keeps the loops free of device syncs)."""
+    return float(net.round_sigma(torch.tensor(float(sigma), dtype=torch.float64)))
+
+
+def _check_steps(num_steps):
+    if int(num_steps) != num_steps or num_steps < 2:
+        raise ValueError(f'num_steps must be an integer >= 2, got {num_steps!r}')
+    return int(num_steps)
+
+
+def _sigma_range(net, sigma_min, sigma_max):
+    """Clamp the requested range to what the network supports (reference rule) and validate it."""
+    sigma_min = max(float(sigma_min), float(net.sigma_min))
+    sigma_max = min(float(sigma_max), float(net.sigma_max))
+    if not 0 < sigma_min < sigma_max < math.inf:
+        raise ValueError(f'need 0 < sigma_min < sigma_max < inf after clamping to the network\'s range '
+                         f'[{net.sigma_min}, {net.sigma_max}], got sigma_min={sigma_min}, sigma_max={sigma_max}')
+    return sigma_min, sigma_max
+
+
+def edm_sigma_steps(net, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7):
+    """EDM's grid t_i = (σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, rounded by the net; Python floats."""
+    num_steps = _check_steps(num_steps)
+    sigma_min, sigma_max = _sigma_range(net, sigma_min, sigma_max)
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return [float(v) for v in torch.as_tensor(net.round_sigma(t)).to(torch.float64)]
+
+
+def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.002,
+                sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, alpha=0):
+    """EDM's Heun sampler (Karras et al. 2022, Alg. 2); NFE = 2·num_steps − 1. Returns x at σ = 0 (float64).
+
+    latents: x at σ = t_0 = edm_sigma_steps(...)[0], already drawn from the prior (not scaled here).
+    alpha: PFGM++'s robustness probe: α·t_i·N(0, I) is added to x before step i (paper §4a).
+    """
+    t_steps = edm_sigma_steps(net, num_steps, sigma_min, sigma_max, rho) + [0.0]
+    num_steps = len(t_steps) - 1
+    x_next = latents.to(torch.float64)
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        if alpha:
+            x_cur = x_cur + alpha * t_cur * randn_like(x_cur)
+        # Churn: raise the noise level to t_hat by adding fresh noise.
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = _round_sigma(net, t_cur + gamma * t_cur)
+        x_hat = x_cur
+        if t_hat > t_cur:
+            x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * randn_like(x_cur)
+        # Euler step, then Heun's second-order correction except on the last step (t_next = 0).
+        d_cur = (x_hat - denoise(net, x_hat, t_hat, class_labels)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:
+            d_prime = (x_next - denoise(net, x_next, t_next, class_labels)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The ablation sampler of EDM §3 (Table 1 / Fig. 2): any solver × discretisation × schedule × scaling.
+
+def _vp_sigma(beta_d, beta_min):
+    return lambda t: math.sqrt(math.exp(0.5 * beta_d * t ** 2 + beta_min * t) - 1)
+
+
+def _vp_sigma_deriv(beta_d, beta_min):
+    sigma = _vp_sigma(beta_d, beta_min)
+    return lambda t: 0.5 * (beta_min + beta_d * t) * (sigma(t) + 1 / sigma(t))
+
+
+def _vp_sigma_inv(beta_d, beta_min):
+    return lambda s: (math.sqrt(beta_min ** 2 + 2 * beta_d * math.log1p(s ** 2)) - beta_min) / beta_d
+
+
+def _iddpm_levels(C_1, C_2, M):
+    """u_M = 0 < … < u_0, the improved-DDPM cosine noise levels (float64)."""
+    def alpha_bar(j):
+        return math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
+    u = [0.0] * (M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
+    return u
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f'{name} must be one of {"/".join(choices)}, got {value!r}')
+
+
+class _AblationSchedule:
+    """σ(t), σ'(t), σ⁻¹, s(t), s'(t) and the time grid t_0 > … > t_{n−1}, t_n = 0 (Python floats)."""
+
+    def __init__(self, net, num_steps, sigma_min, sigma_max, rho, discretization, schedule, scaling,
+                 epsilon_s, C_1, C_2, M):
+        num_steps = _check_steps(num_steps)
+        _check_choice('discretization', discretization, ('vp', 've', 'iddpm', 'edm'))
+        _check_choice('schedule', schedule, ('vp', 've', 'linear'))
+        _check_choice('scaling', scaling, ('vp', 'none'))
+        vp_default = _vp_sigma(beta_d=19.9, beta_min=0.1)  # the reference's P fork used 19.1 by mistake
+        if sigma_min is None:
+            sigma_min = {'vp': vp_default(epsilon_s), 've': 0.02, 'iddpm': 0.002, 'edm': 0.002}[discretization]
+        if sigma_max is None:
+            sigma_max = {'vp': vp_default(1), 've': 100, 'iddpm': 81, 'edm': 80}[discretization]
+        sigma_min, sigma_max = _sigma_range(net, sigma_min, sigma_max)
+
+        # VP parameters that make σ_VP(ε_s) = σ_min and σ_VP(1) = σ_max.
+        vp_beta_d = 2 * (math.log(sigma_min ** 2 + 1) / epsilon_s - math.log(sigma_max ** 2 + 1)) / (epsilon_s - 1)
+        vp_beta_min = math.log(sigma_max ** 2 + 1) - 0.5 * vp_beta_d
+
+        frac = [i / (num_steps - 1) for i in range(num_steps)]
+        if discretization == 'vp':
+            sigma_steps = [_vp_sigma(vp_beta_d, vp_beta_min)(1 + f * (epsilon_s - 1)) for f in frac]
+        elif discretization == 've':
+            sigma_steps = [math.sqrt(sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** f) for f in frac]
+        elif discretization == 'iddpm':
+            u = [v for v in _iddpm_levels(C_1, C_2, M) if sigma_min <= v <= sigma_max]
+            sigma_steps = [u[round((len(u) - 1) * f)] for f in frac]
+        else:
+            sigma_steps = [(sigma_max ** (1 / rho) + f * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+                           for f in frac]
+
+        if schedule == 'vp':
+            self.sigma = _vp_sigma(vp_beta_d, vp_beta_min)
+            self.sigma_deriv = _vp_sigma_deriv(vp_beta_d, vp_beta_min)
+            self.sigma_inv = _vp_sigma_inv(vp_beta_d, vp_beta_min)
+        elif schedule == 've':
+            self.sigma, self.sigma_deriv, self.sigma_inv = math.sqrt, lambda t: 0.5 / math.sqrt(t), lambda s: s ** 2
+        else:
+            self.sigma, self.sigma_deriv, self.sigma_inv = (lambda t: t), (lambda t: 1.0), (lambda s: s)
+
+        if scaling == 'vp':
+            self.s = lambda t: 1 / math.sqrt(1 + self.sigma(t) ** 2)
+            self.s_deriv = lambda t: -self.sigma(t) * self.sigma_deriv(t) * self.s(t) ** 3
+        else:
+            self.s, self.s_deriv = (lambda t: 1.0), (lambda t: 0.0)
+
+        self.net = net
+        self.num_steps = num_steps
+        self.t_steps = [self.sigma_inv(_round_sigma(net, s)) for s in sigma_steps] + [0.0]
+
+    def derivative(self, x, t, class_labels):
+        """dx/dt at (x, t) for the scaled ODE (EDM eq. 4)."""
+        sigma, s = self.sigma(t), self.s(t)
+        denoised = denoise(self.net, x / s, sigma, class_labels)
+        return (self.sigma_deriv(t) / sigma + self.s_deriv(t) / s) * x - self.sigma_deriv(t) * s / sigma * denoised
+
+
+def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=None,
+                     sigma_max=None, rho=7, solver='heun', discretization='edm', schedule='linear', scaling='none',
+                     epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1, S_churn=0, S_min=0,
+                     S_max=float('inf'), S_noise=1, noise_alpha=0):
+    """EDM's generalised sampler. `alpha` is the reference's Heun intermediate-point parameter (α = 1: Heun);
+    `noise_alpha` is generate_alpha's noise injection (α·σ(t_i)·s(t_i)·N(0, I) before step i).
+
+    latents: unscaled x at σ = prior_sigma(...), already drawn from the prior; multiplied here by s(t_0).
+    """
+    _check_choice('solver', solver, ('euler', 'heun'))
+    sched = _AblationSchedule(net, num_steps, sigma_min, sigma_max, rho, discretization, schedule, scaling,
+                              epsilon_s, C_1, C_2, M)
+    sigma, s, t_steps = sched.sigma, sched.s, sched.t_steps
+    x_next = latents.to(torch.float64) * s(t_steps[0])
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        if noise_alpha:
+            x_cur = x_cur + noise_alpha * sigma(t_cur) * s(t_cur) * randn_like(x_cur)
+        gamma = min(S_churn / sched.num_steps, math.sqrt(2) - 1) if S_min <= sigma(t_cur) <= S_max else 0
+        t_hat = sched.sigma_inv(_round_sigma(net, sigma(t_cur) + gamma * sigma(t_cur)))
+        x_hat = s(t_hat) / s(t_cur) * x_cur
+        if sigma(t_hat) > sigma(t_cur):
+            x_hat = x_hat + math.sqrt(sigma(t_hat) ** 2 - sigma(t_cur) ** 2) * s(t_hat) * S_noise * randn_like(x_cur)
+
+        h = t_next - t_hat
+        d_cur = sched.derivative(x_hat, t_hat, class_labels)
+        if solver == 'euler' or i == sched.num_steps - 1:
+            x_next = x_hat + h * d_cur
+        else:
+            x_prime, t_prime = x_hat + alpha * h * d_cur, t_hat + alpha * h
+            d_prime = sched.derivative(x_prime, t_prime, class_labels)
+            x_next = x_hat + h * ((1 - 1 / (2 * alpha)) * d_cur + 1 / (2 * alpha) * d_prime)
+    return x_next
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Choosing the sampler from CLI-style kwargs, and the prior level it starts from.
+
+def uses_ablation(sampler_kwargs):
+    """True when any of solver/discretization/schedule/scaling is set (the reference's rule)."""
+    return any(sampler_kwargs.get(key) is not None for key in ABLATION_OPTIONS)
+
+
+def _clean(sampler_kwargs):
+    return {key: value for key, value in sampler_kwargs.items() if value is not None}
+
+
+def prior_sigma(net, **sampler_kwargs):
+    """The noise level t_0 at which `sample(net, latents, **sampler_kwargs)` expects its latents."""
+    kwargs = _clean(sampler_kwargs)
+    if uses_ablation(kwargs):
+        keys = ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'discretization', 'schedule', 'scaling',
+                'epsilon_s', 'C_1', 'C_2', 'M')
+        args = dict(num_steps=18, sigma_min=None, sigma_max=None, rho=7, discretization='edm', schedule='linear',
+                    scaling='none', epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000)
+        args.update({key: kwargs[key] for key in keys if key in kwargs})
+        sched = _AblationSchedule(net, **args)
+        return sched.sigma(sched.t_steps[0])
+    keys = ('num_steps', 'sigma_min', 'sigma_max', 'rho')
+    return edm_sigma_steps(net, **{key: kwargs[key] for key in keys if key in kwargs})[0]
+
+
+def sample(net, latents, class_labels=None, randn_like=torch.randn_like, noise_alpha=0, **sampler_kwargs):
+    """Run the EDM sampler, or the ablation sampler when an ablation option is set; None values are ignored."""
+    kwargs = _clean(sampler_kwargs)
+    if uses_ablation(kwargs):
+        return ablation_sampler(net, latents, class_labels, randn_like, noise_alpha=noise_alpha, **kwargs)
+    return edm_sampler(net, latents, class_labels, randn_like, alpha=noise_alpha, **kwargs)
+
+
+class SeedRandom:
+    """One torch.Generator per seed, on `device`: every draw is made per image from that image's own stream,
+    so an image depends only on its seed (not on the batch, the rank or the seed's position in the list)."""
+
+    def __init__(self, seeds, device):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def prior(self, image_shape, sigma, D):
+        """x_T for each seed: the PFGM++ kernel at σ (Gaussian σ·N(0, I) for D=None), float64 [B, *image_shape]."""
+        return torch.cat([sample_noise((1, *image_shape), sigma, D, generator=g, device=self.device,
+                                       dtype=torch.float64) for g in self.generators])
+
+    def randint(self, high):
+        """One integer in [0, high) per seed, int64 [B]."""
+        return torch.stack([torch.randint(high, size=[], generator=g, device=self.device)
+                            for g in self.generators])
+
+    def randn_like(self, x):
+        return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device)
+                            for g in self.generators])
