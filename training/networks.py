@@ -551,8 +551,10 @@ class VPPrecond(_Preconditioner):
         return ((0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp() - 1).sqrt()
 
     def sigma_inv(self, sigma):
+        # log1p(σ²) rather than the reference's log(1 + σ²): same formula, no float32 cancellation at small σ
+        # (the reference's c_noise is ~1% off at σ = 0.002).
         sigma = torch.as_tensor(sigma)
-        return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
+        return ((self.beta_min ** 2 + 2 * self.beta_d * sigma.square().log1p()).sqrt() - self.beta_min) / self.beta_d
 
     def precondition(self, sigma):
         c_skip = torch.ones_like(sigma)
@@ -589,19 +591,21 @@ class iDDPMPrecond(_Preconditioner):
         self.C_1 = C_1
         self.C_2 = C_2
         self.M = M
-        self.register_buffer('u', self._noise_levels(C_1, C_2, M))
-        self.sigma_min = float(self.u[M - 1])
-        self.sigma_max = float(self.u[0])
+        levels = self._noise_levels(C_1, C_2, M)
+        self.register_buffer('u', torch.tensor(levels, dtype=torch.float32))
+        # The buffer's float32 values, read off the host copy (no device round trip).
+        self.sigma_min = torch.tensor(levels[M - 1], dtype=torch.float32, device='cpu').item()
+        self.sigma_max = torch.tensor(levels[0], dtype=torch.float32, device='cpu').item()
 
     @staticmethod
     def _noise_levels(C_1, C_2, M):
-        """u[M] = 0, u[j−1] = sqrt((u[j]² + 1) / max(ᾱ(j−1)/ᾱ(j), C_1) − 1), ᾱ(j) = sin²(π/2 · j / (M(1 + C_2)))."""
+        """List of M + 1 float64 levels: u[M] = 0, u[j−1] = sqrt((u[j]² + 1) / max(ᾱ(j−1)/ᾱ(j), C_1) − 1), ᾱ(j) = sin²(π/2 · j / (M(1 + C_2)))."""
         def alpha_bar(j):
             return math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
         u = [0.0] * (M + 1)
         for j in range(M, 0, -1):
             u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
-        return torch.tensor(u, dtype=torch.float32)
+        return u
 
     def precondition(self, sigma):
         c_skip = torch.ones_like(sigma)
