@@ -151,10 +151,10 @@ def resample_geometric(images, inverse_matrices):
     taps = taps / taps.sum()
     m = inverse_matrices.to(images.dtype)
 
-    images = F.pad(images, [w - 1, w - 1, h - 1, h - 1], mode='reflect') if h > 1 or w > 1 else images
+    images = F.pad(images, [w - 1, w - 1, h - 1, h - 1], mode='reflect')
     images = _upsample2x(images, taps)
-    # Centred input coordinate u lands at 2·u + δ (δ ≈ −0.40) in the upsampled image, and the downsampler reads the 2× output
-    # grid with the same δ: sym6 is not symmetric, its low-frequency delay is ≈5.10 taps instead of 5½.
+    # Centred input coordinate u lands at 2·u + δ (δ ≈ −0.40) in the upsampled image, and the downsampler reads
+    # the 2× output grid with the same δ: sym6 is not symmetric, its low-frequency delay is ≈5.10 taps, not 5½.
     ones = m[:, 0, 0]
     delay = _FILTER_DELAY
     m = _translate2d(delay, delay, ones) @ _scale2d(2, 2, ones) @ m @ _scale2d(0.5, 0.5, ones) @ \
@@ -244,7 +244,8 @@ class AugmentPipe:
             elif name in ('scale', 'brightness', 'contrast', 'saturation'):
                 params[name] = gated(name, torch.randn((n,), device=device))
             elif name == 'rotate_frac':
-                params[name] = gated(name, (torch.rand((n,), device=device) * 2 - 1) * (math.pi * self.rotate_frac_max))
+                angle = (torch.rand((n,), device=device) * 2 - 1) * (math.pi * self.rotate_frac_max)
+                params[name] = gated(name, angle)
             elif name == 'aniso':
                 params[name] = gated(name, torch.randn((n,), device=device))
                 angle = (torch.rand((n,), device=device) * 2 - 1) * math.pi
@@ -265,6 +266,7 @@ class AugmentPipe:
         missing = [key for key in self._required_keys() if key not in params]
         if missing:
             raise ValueError(f'AugmentPipe.apply: parameters lack {missing}')
+        params = {key: value.to(images.device) for key, value in params.items()}
         out_dtype = images.dtype
         if images.dtype in (torch.float16, torch.bfloat16):
             images = images.float()  # resampling and colour matrices want full precision
@@ -288,7 +290,7 @@ class AugmentPipe:
 
     def _pixel_blit(self, images, params, labels):
         n, c, h, w = images.shape
-        as_mask = lambda value: value.to(images.device).view(n, 1, 1, 1)
+        as_mask = lambda value: value.view(n, 1, 1, 1)
         if self.xflip > 0:
             bit = params['xflip']
             images = torch.where(as_mask(bit) == 1, images.flip(3), images)
@@ -326,25 +328,26 @@ class AugmentPipe:
         like = torch.zeros(n, dtype=torch.float32, device=images.device)
         inverse = _identity(n, 3, like)
         if self.scale > 0:
-            w = params['scale'].to(like)
-            s = torch.exp2(w * self.scale_std)
+            amount = params['scale'].to(like)
+            s = torch.exp2(amount * self.scale_std)
             inverse = inverse @ _scale2d(1 / s, 1 / s, like)
-            labels.append(w)
+            labels.append(amount)
         if self.rotate_frac > 0:
             theta = params['rotate_frac'].to(like)
             inverse = inverse @ _rotate2d(theta)  # inverse of a rotation by −θ
             labels += [theta.cos() - 1, theta.sin()]
         if self.aniso > 0:
-            w, r = params['aniso'].to(like), params['aniso_angle'].to(like)
-            s = torch.exp2(w * self.aniso_std)
+            amount, r = params['aniso'].to(like), params['aniso_angle'].to(like)
+            s = torch.exp2(amount * self.aniso_std)
             # Stretch x by s and y by 1/s in a frame rotated by r.
             inverse = inverse @ _rotate2d(r) @ _scale2d(1 / s, s, like) @ _rotate2d(-r)
-            labels += [w * r.cos(), w * r.sin()]
+            labels += [amount * r.cos(), amount * r.sin()]
         if self.translate_frac > 0:
             wx, wy = params['translate_frac_x'].to(like), params['translate_frac_y'].to(like)
-            h, w_px = images.shape[2], images.shape[3]
-            inverse = inverse @ _translate2d(-wx * (w_px * self.translate_frac_std),
-                                             -wy * (h * self.translate_frac_std), like)
+            height, width = images.shape[2], images.shape[3]
+            # Content moves by (t_x, t_y) pixels: output pixel v reads input pixel v − t.
+            inverse = inverse @ _translate2d(-wx * (width * self.translate_frac_std),
+                                             -wy * (height * self.translate_frac_std), like)
             labels += [wx, wy]
         return resample_geometric(images, inverse)
 
