@@ -537,3 +537,16 @@ def test_build_network_rejects_bad_configs():
         build_network(dict(good, embedding_type='wavelet'))
     with pytest.raises(ValueError, match='channel_mult'):
         EDMPrecond(8, 3, **dict(TINY_SONG, channel_mult=[1, 1, 1, 1, 1]))
+
+
+def test_dhariwal_embedding_is_cos_then_sin_and_labels_join_after_layer1():
+    torch.manual_seed(0)
+    net = DhariwalUNet(8, 3, 3, label_dim=4, model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    seen = {}
+    net.map_layer0.register_forward_pre_hook(lambda module, inputs: seen.update(emb=inputs[0]))
+    net.enc['8x8_block0'].affine.register_forward_pre_hook(lambda module, inputs: seen.update(block_emb=inputs[0]))
+    noise, labels = torch.tensor([0.3, 5.0]), torch.eye(4)[:2]
+    net.eval()(torch.randn(2, 3, 8, 8), noise, labels)
+    assert torch.allclose(seen['emb'], PositionalEmbedding(16)(noise))
+    expected = F.silu(net.map_layer1(F.silu(net.map_layer0(seen['emb']))) + labels @ net.map_label.weight.T)
+    assert torch.allclose(seen['block_emb'], expected, atol=1e-6)
