@@ -17,6 +17,7 @@ inverse maps (output pixel -> input pixel) in the order scale, rotate, aniso, tr
 Nothing here reads tensor values back to the host, so the pipe can run inside a compiled/asynchronous step.
 """
 
+import functools
 import math
 
 import torch
@@ -33,6 +34,7 @@ SYM6_LOWPASS = (
 )
 # Output border (in pixels) kept while resampling, so the downsampling filter sees real samples at the crop edge.
 _FILTER_MARGIN = len(SYM6_LOWPASS) // 4
+_FILTER_TAPS = tuple(h / sum(SYM6_LOWPASS) for h in SYM6_LOWPASS)  # unit DC gain
 # Offset of the filter's centroid (its group delay at frequency 0) from the centre tap, in 2× pixels (≈ −0.40).
 _FILTER_DELAY = sum(k * h for k, h in enumerate(SYM6_LOWPASS)) / sum(SYM6_LOWPASS) - (len(SYM6_LOWPASS) - 1) / 2
 
@@ -84,19 +86,19 @@ def _translate3d(t, like):
 
 def _scale3d(s, like):
     m = _identity(like.shape[0], 4, like)
-    m[:, [0, 1, 2], [0, 1, 2]] = s[:, None]
+    for axis in range(3):
+        m[:, axis, axis] = s
     return m
 
 
 def _rotate3d(axis, theta):
-    """Rotation by θ about the unit 3-vector `axis` (Rodrigues: cosθ·I + sinθ·[a]× + (1 − cosθ)·aaᵀ)."""
+    """Rotation by θ about the unit 3-vector `axis` (floats): cosθ·δ_ij + sinθ·[a]×_ij + (1 − cosθ)·a_i·a_j."""
     m = _identity(theta.shape[0], 4, theta)
-    cross = torch.tensor([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]],
-                         dtype=theta.dtype, device=theta.device)
-    outer = torch.outer(axis, axis).to(theta.device, theta.dtype)
-    eye = torch.eye(3, dtype=theta.dtype, device=theta.device)
-    c, s = theta.cos()[:, None, None], theta.sin()[:, None, None]
-    m[:, :3, :3] = c * eye + s * cross + (1 - c) * outer
+    cross = [[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]]
+    c, s = theta.cos(), theta.sin()
+    for i in range(3):
+        for j in range(3):
+            m[:, i, j] = c * float(i == j) + s * cross[i][j] + (1 - c) * axis[i] * axis[j]
     return m
 
 
@@ -104,37 +106,41 @@ def _rotate3d(axis, theta):
 # Geometric resampling: reflect-pad, 2× upsample, bilinear sample, 2× downsample, crop.
 
 
-def _filter_matrix(rows, cols, taps, row_step, col_step, offset):
-    """Banded matrix M[j, i] = taps[row_step·j − col_step·i + offset] (zero outside the filter)."""
-    index = torch.arange(rows, device=taps.device)[:, None] * row_step \
-        - torch.arange(cols, device=taps.device)[None, :] * col_step + offset
-    inside = (index >= 0) & (index < taps.numel())
-    return torch.where(inside, taps[index.clamp(0, taps.numel() - 1)], torch.zeros((), dtype=taps.dtype,
-                                                                                    device=taps.device))
+@functools.lru_cache(maxsize=64)
+def _filter_matrix(rows, cols, gain, row_step, col_step, offset, device, dtype):
+    """Banded matrix M[j, i] = gain·taps[row_step·j − col_step·i + offset] (zero outside the sym6 filter).
+
+    Built once per shape/device on the CPU and cached, so a training step copies nothing to the device.
+    """
+    taps = torch.tensor(_FILTER_TAPS, dtype=torch.float64) * gain
+    index = torch.arange(rows)[:, None] * row_step - torch.arange(cols)[None, :] * col_step + offset
+    inside = (index >= 0) & (index < len(taps))
+    matrix = torch.where(inside, taps[index.clamp(0, len(taps) - 1)], torch.zeros((), dtype=torch.float64))
+    return matrix.to(device=device, dtype=dtype)
 
 
-def _upsample2x(images, taps):
+def _upsample2x(images):
     """Zero-insert after every pixel, then convolve with 2·taps per axis (gain 4 keeps the mean).
 
-    Written as banded matrix products: out[j] = Σ_i 2·taps[j − 2i + L/2 − 1]·x[i]; far faster than a
+    Written as banded matrix products, out[j] = Σ_i 2·taps[j − 2i + L/2 − 1]·x[i]: far faster than a
     one-channel convolution on the CPU, and exact.
     """
     h, w = images.shape[2], images.shape[3]
-    offset = taps.numel() // 2 - 1
-    along_w = _filter_matrix(2 * w, w, taps * 2, 1, 2, offset)
-    along_h = _filter_matrix(2 * h, h, taps * 2, 1, 2, offset)
+    offset = len(_FILTER_TAPS) // 2 - 1
+    along_w = _filter_matrix(2 * w, w, 2.0, 1, 2, offset, images.device, images.dtype)
+    along_h = _filter_matrix(2 * h, h, 2.0, 1, 2, offset, images.device, images.dtype)
     return along_h @ (images @ along_w.T)
 
 
-def _downsample2x(images, taps, crop):
+def _downsample2x(images, crop):
     """Correlate with taps per axis (the adjoint of _upsample2x), keep every 2nd pixel, drop `crop` output pixels.
 
     out[i] = Σ_q taps[q − 2i − lo]·x[q] with lo = 2·crop − (L−1)//2, so the output is (size − 4·crop) / 2 wide.
     """
     h, w = images.shape[2], images.shape[3]
-    lo = 2 * crop - (taps.numel() - 1) // 2
-    along_w = _filter_matrix((w - 4 * crop) // 2, w, taps, -2, -1, -lo)
-    along_h = _filter_matrix((h - 4 * crop) // 2, h, taps, -2, -1, -lo)
+    lo = 2 * crop - (len(_FILTER_TAPS) - 1) // 2
+    along_w = _filter_matrix((w - 4 * crop) // 2, w, 1.0, -2, -1, -lo, images.device, images.dtype)
+    along_h = _filter_matrix((h - 4 * crop) // 2, h, 1.0, -2, -1, -lo, images.device, images.dtype)
     return along_h @ (images @ along_w.T)
 
 
@@ -147,12 +153,10 @@ def resample_geometric(images, inverse_matrices):
     downsampling, which keeps aliasing low. Identity maps reproduce the input to ~1e-5.
     """
     n, c, h, w = images.shape
-    taps = torch.tensor(SYM6_LOWPASS, dtype=images.dtype, device=images.device)
-    taps = taps / taps.sum()
     m = inverse_matrices.to(images.dtype)
 
     images = F.pad(images, [w - 1, w - 1, h - 1, h - 1], mode='reflect')
-    images = _upsample2x(images, taps)
+    images = _upsample2x(images)
     # Centred input coordinate u lands at 2·u + δ (δ ≈ −0.40) in the upsampled image, and the downsampler reads
     # the 2× output grid with the same δ: sym6 is not symmetric, its low-frequency delay is ≈5.10 taps, not 5½.
     ones = m[:, 0, 0]
@@ -165,7 +169,7 @@ def resample_geometric(images, inverse_matrices):
         _scale2d(out_shape[3] / 2, out_shape[2] / 2, ones)
     grid = F.affine_grid(m[:, :2, :], out_shape, align_corners=False)
     images = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
-    return _downsample2x(images, taps, crop=_FILTER_MARGIN)
+    return _downsample2x(images, crop=_FILTER_MARGIN)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,9 +362,9 @@ class AugmentPipe:
         if c not in (1, 3):
             raise ValueError(f'AugmentPipe: colour ops need 1 or 3 channels, got {c}')
         like = torch.zeros(n, dtype=torch.float32, device=images.device)
-        luma = torch.tensor([1.0, 1.0, 1.0], device=images.device) / math.sqrt(3)
-        luma_projector = _identity(n, 4, like) * 0
-        luma_projector[:, :3, :3] = torch.outer(luma, luma)
+        luma = (1 / math.sqrt(3),) * 3  # the grey axis
+        luma_projector = torch.zeros((n, 4, 4), dtype=like.dtype, device=like.device)
+        luma_projector[:, :3, :3] = 1 / 3  # a·aᵀ
         matrix = _identity(n, 4, like)
         if self.brightness > 0:
             b = params['brightness'].to(like)
