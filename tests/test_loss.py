@@ -178,6 +178,16 @@ def test_bad_reference_batch_is_rejected(bad_shape):
         loss(net, torch.zeros(4, 3, 4, 4), ref_images=torch.zeros(bad_shape))
 
 
+def test_network_with_another_D_is_rejected():
+    net = EDMPrecond(img_resolution=8, img_channels=3, D=128.0, **TINY_UNET)
+    with pytest.raises(ValueError, match='D=None but the network was built with D=128.0'):
+        EDMLoss()(net, torch.zeros(2, 3, 8, 8))
+    wrapped = torch.nn.Module()
+    wrapped.module = net  # like DistributedDataParallel
+    with pytest.raises(ValueError, match='D=1.5 but the network was built with D=128.0'):
+        EDMLoss(D=1.5)(wrapped, torch.zeros(2, 3, 8, 8))
+
+
 # ---- configuration ----
 
 def test_config_round_trip_and_validation():

@@ -33,6 +33,7 @@ class _DenoisingLoss:
         raise NotImplementedError
 
     def __call__(self, net, images, labels=None, augment_pipe=None, ref_images=None):
+        self._check_network_D(net)
         batch_size = images.shape[0]
         sigma = self.sample_sigma(batch_size, images.device)
         weight = self.weight(sigma).reshape(-1, 1, 1, 1)
@@ -43,6 +44,13 @@ class _DenoisingLoss:
         denoised = net(noisy, sigma, labels, augment_labels=augment_labels)
         target = y if references is None else self._stf_target(noisy, references, sigma)
         return weight * (denoised - target).square()
+
+    def _check_network_D(self, net):
+        """A network records the D its prior will use; training it with another kernel would go unnoticed."""
+        network_D = getattr(getattr(net, 'module', net), 'D', self.D)  # DDP wraps the network in .module
+        if network_D != self.D:
+            raise ValueError(f'the loss perturbs with D={self.D} but the network was built with D={network_D}; '
+                             f'use the same D for both')
 
     @staticmethod
     def _reference_batch(y, augment_pipe, ref_images):
