@@ -339,6 +339,7 @@ def test_deterministic_under_manual_seed_and_keeps_dtype():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.filterwarnings('ignore:Synchronization debug mode is a prototype')
 def test_runs_on_cuda_like_on_cpu_without_host_syncs():
     pipe = AugmentPipe(**{**ALL_OPS, 'rotate_int': 0, 'p': 0.5})
     images = torch.rand(16, 3, 16, 16) * 2 - 1

@@ -15,6 +15,11 @@ Geometric coordinates are pixels measured from the image centre (x right, y down
 inverse maps (output pixel -> input pixel) in the order scale, rotate, aniso, translate.
 
 Nothing here reads tensor values back to the host, so the pipe can run inside a compiled/asynchronous step.
+Two consequences of that and of accuracy (see resample_geometric): the reflect padding is always the largest
+allowed (H−1, W−1) instead of a margin measured from the drawn parameters (same pixels where it matters), and
+the half-pixel alignment of the 2× grid uses sym6's exact low-frequency delay, so quarter turns and whole-pixel
+shifts of smooth images match torch.rot90 / shifts closely. Both integer and fractional translations move the
+content by +t (right/down).
 """
 
 import functools
