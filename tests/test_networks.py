@@ -491,8 +491,8 @@ def test_songunet_label_and_augment_conditioning():
 # ------------------------------------------------------------------------------------------------------------
 # config and build_network.
 
-@pytest.mark.parametrize('D', [128.0, 1.5, None])
-@pytest.mark.parametrize('precond, arch', [('edm', 'ncsnpp'), ('vp', 'ddpmpp'), ('iddpm', 'adm'), ('ve', 'skip-skip')])
+@pytest.mark.parametrize('precond, arch, D', [('edm', 'ncsnpp', 128.0), ('edm', 'ddpmpp', 1.5), ('edm', 'adm', None),
+                                          ('vp', 'ddpmpp', 128.0), ('iddpm', 'adm', 1.5), ('ve', 'skip-skip', None)])
 def test_config_round_trip(precond, arch, D):
     torch.manual_seed(1)
     net = PRECONDS[precond](16, 3, label_dim=2, augment_dim=9, D=D, **TINY_ARCHS[arch])
