@@ -1,0 +1,422 @@
+"""The engine behind generate.py, generate_alpha.py, generate_steps.py and generate_quant.py.
+
+One job = one network (+ one sweep value) → one folder of `{seed:06d}.png` files. The scripts differ only in the
+sweep axis (none, α, steps, bits), so they share the click options (`common_options`) and the driver (`run`).
+
+Two ways to name the networks:
+- `--network=<file>`: one file (our training state, or a reference `network-snapshot-*.pkl` / `training-state-*.pt`)
+  → images straight into `--outdir` (generate.py) or `--outdir/ckpt_{kimg:06d}_<axis>_<value>/` (sweeps).
+- `--outdir=<run dir>` alone (the PFGM++ README's form): every checkpoint of the run, filtered by
+  --ckpt/--end_ckpt, → `ckpt_{kimg:06d}[_<axis>_<value>]/{seed//1000*1000:06d}/{seed:06d}.png`; `ckpt_2_`/`ckpt_3_`
+  when the smallest seed is ≥ 50000 / ≥ 100000. Complete folders are skipped, partial ones completed.
+
+Seeds are sharded over torchrun ranks as the reference does; every image depends only on its seed
+(`sampler.SeedRandom`), so batch size and rank count never change the bytes of an image.
+"""
+
+import math
+import os
+import re
+import glob
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+from dnnlib.util import atomic_write, parse_int_list
+from torch_utils import distributed as dist
+from training import sampler as sampling
+from training.checkpoint import CheckpointError, find_checkpoints, load_network
+from training.quantize import FILTERS, quantize_weights
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files and folders.
+
+
+def image_path(folder, seed, subdirs):
+    name = f'{seed:06d}.png'
+    return os.path.join(folder, f'{seed - seed % 1000:06d}', name) if subdirs else os.path.join(folder, name)
+
+
+def is_complete_png(path):
+    """A cheap structural check: PNG signature at the start and the IEND chunk at the end (no truncation)."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(8)
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 20:
+                return False
+            f.seek(-12, os.SEEK_END)
+            tail = f.read(12)
+    except OSError:
+        return False
+    return head == PNG_SIGNATURE and tail[4:8] == b'IEND'
+
+
+def missing_seeds(folder, seeds, subdirs):
+    return [seed for seed in seeds if not is_complete_png(image_path(folder, seed, subdirs))]
+
+
+def to_uint8(images):
+    """[-1, 1] NCHW float → NHWC uint8 numpy, the reference's rounding (x·127.5 + 128, clipped, truncated)."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_png(array, path):
+    """Write one HWC uint8 image atomically ('L' for one channel, else 'RGB')."""
+    image = PIL.Image.fromarray(array[:, :, 0], 'L') if array.shape[2] == 1 else PIL.Image.fromarray(array, 'RGB')
+    with atomic_write(path, 'wb') as f:
+        image.save(f, format='png')
+
+
+def save_grid(arrays, path):
+    """Tile HWC uint8 images into a square-ish grid (ceil(√n) columns) and write it atomically."""
+    arrays = np.asarray(arrays)
+    count, height, width, channels = arrays.shape
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    grid = np.zeros([rows * height, cols * width, channels], dtype=np.uint8)
+    for i, image in enumerate(arrays):
+        r, c = divmod(i, cols)
+        grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = image
+    save_png(grid, path)
+
+
+def seed_set_prefix(seeds):
+    """Folder prefix of the reference's three 50k seed sets: ckpt_, ckpt_2_ (≥ 50000), ckpt_3_ (≥ 100000)."""
+    smallest = min(seeds)
+    return 'ckpt_3_' if smallest >= 100000 else 'ckpt_2_' if smallest >= 50000 else 'ckpt_'
+
+
+def folder_name(kimg, seeds, axis=None, value=None):
+    """`ckpt_000100`, `ckpt_2_000100_alpha_0.1`, `ckpt_000100_steps_18`, `ckpt_000100_quant_8`, ..."""
+    name = f'{seed_set_prefix(seeds)}{kimg:06d}'
+    return name if axis is None else f'{name}_{axis}_{value:g}'
+
+
+def grid_file(grid, folder):
+    """The grid path for one output folder: `grid` itself, or with the folder name inserted when many folders."""
+    if folder is None:
+        return grid
+    stem, ext = os.path.splitext(grid)
+    return f'{stem}_{folder}{ext or ".png"}'
+
+
+_SNAPSHOT_RE = re.compile(r'(?:network-snapshot|training-state)-(\d+)\.(?:pkl|pt)')
+
+
+def network_kimg(path):
+    """The kimg number in a checkpoint's file name, 0 when it has none."""
+    match = _SNAPSHOT_RE.fullmatch(os.path.basename(path))
+    return int(match.group(1)) if match else 0
+
+
+def list_run_checkpoints(run_dir, ckpt=0, end_ckpt=100000000, edm=False, use_pickle=False):
+    """[(kimg, path)] of a run directory, sorted by kimg. edm: `network-snapshot-*.pkl` (all of them, the
+    reference's --edm=1); use_pickle: `training-state-*.pkl`; default: `training-state-*.pt` within [ckpt, end_ckpt]."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f'{run_dir}: no such directory')
+    if edm or use_pickle:
+        pattern = 'network-snapshot-*.pkl' if edm else 'training-state-*.pkl'
+        found = sorted((network_kimg(p), p) for p in glob.glob(os.path.join(glob.escape(run_dir), pattern)))
+    else:
+        found = find_checkpoints(run_dir)
+    if not edm:
+        found = [(kimg, path) for kimg, path in found if ckpt <= kimg <= end_ckpt]
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks of the command line against a loaded network.
+
+
+def check_prior_options(net, pfgmpp, aug_dim, source):
+    """--pfgmpp/--aug_dim only confirm what the checkpoint says; a contradiction is an error, never a silent prior."""
+    D = getattr(net, 'D', None)
+    kind = f'a PFGM++ network with D={D:g}' if D is not None else 'a diffusion (EDM, D=∞) network'
+    if pfgmpp is True and D is None:
+        raise ValueError(f'{source} is {kind}; --pfgmpp=1 contradicts it (drop --pfgmpp/--aug_dim)')
+    if pfgmpp is False and D is not None:
+        raise ValueError(f'{source} is {kind}; --pfgmpp=0 would sample the wrong prior (drop --pfgmpp)')
+    if aug_dim is not None and (D is None or float(aug_dim) != D):
+        raise ValueError(f'{source} is {kind}; --aug_dim={aug_dim:g} contradicts it (drop --aug_dim or use the '
+                         f'matching checkpoint)')
+
+
+def check_class(net, class_idx, source):
+    if class_idx is None:
+        return
+    if net.label_dim == 0:
+        raise ValueError(f'{source} is an unconditional network; drop --class')
+    if not 0 <= class_idx < net.label_dim:
+        raise ValueError(f'--class={class_idx} is out of range: {source} has classes 0..{net.label_dim - 1}')
+
+
+def aligned_sampler_kwargs(net, sampler_kwargs, align):
+    """The reference's --align: σ_min, σ_max (and so the prior radius) × √(1 + N/D) for a PFGM++ network."""
+    D = getattr(net, 'D', None)
+    if not align or D is None:
+        return dict(sampler_kwargs)
+    factor = math.sqrt(1 + net.img_channels * net.img_resolution ** 2 / D)
+    kwargs = dict(sampler_kwargs)
+    kwargs['sigma_min'] = (kwargs.get('sigma_min') or 0.002) * factor
+    kwargs['sigma_max'] = (kwargs.get('sigma_max') or 80) * factor
+    return kwargs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling.
+
+
+def rank_batches(seeds, batch_size, rank, world_size):
+    """The reference's sharding: ((n−1)//(batch·world)+1)·world near-equal chunks, rank r takes r, r+world, ..."""
+    if not seeds:
+        return []
+    num_batches = ((len(seeds) - 1) // (batch_size * world_size) + 1) * world_size
+    chunks = torch.as_tensor(seeds, dtype=torch.int64).tensor_split(num_batches)
+    return [chunk.tolist() for chunk in chunks[rank::world_size] if len(chunk)]
+
+
+@torch.no_grad()
+def generate_batch(net, seeds, sampler_kwargs, noise_alpha=0, class_idx=None, device=None):
+    """Images (float64, NCHW, ~[-1, 1]) for `seeds`. Per seed: prior, then class index, then sampler noise."""
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    rnd = sampling.SeedRandom(seeds, device)
+    sigma0 = sampling.prior_sigma(net, **sampler_kwargs)
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    latents = rnd.prior(shape, sigma0, getattr(net, 'D', None))
+    class_labels = None
+    if net.label_dim:
+        index = rnd.randint(net.label_dim)  # always drawn, so --class keeps the other draws of the seed unchanged
+        if class_idx is not None:
+            index[:] = class_idx
+        class_labels = torch.eye(net.label_dim, device=device)[index]
+    return sampling.sample(net, latents, class_labels, rnd.randn_like, noise_alpha=noise_alpha, **sampler_kwargs)
+
+
+def _broadcast_from_rank0(value):
+    if dist.get_world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def generate_folder(net, seeds, folder, *, sampler_kwargs, noise_alpha=0, class_idx=None, batch_size=64,
+                    subdirs=False, only_missing=True, grid=None, grid_only=False, device=None, desc=None):
+    """Write `{seed:06d}.png` for the seeds into `folder` (all ranks call this). only_missing: leave complete,
+    valid images alone (what makes a crashed run resumable). grid: also write a grid of the first `batch_size`
+    seeds to that path; grid_only: write only the grid. Returns the number of images written by all ranks."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    grid_seeds = seeds[:batch_size]
+    if grid_only:
+        if rank == 0:
+            save_grid(to_uint8(generate_batch(net, grid_seeds, sampler_kwargs, noise_alpha, class_idx, device)), grid)
+        dist.barrier()
+        return 0
+    todo = seeds
+    if only_missing:
+        todo = _broadcast_from_rank0(missing_seeds(folder, seeds, subdirs) if rank == 0 else None)
+    if not todo:
+        dist.print0(f'{desc or folder}: all {len(seeds)} images present, skipped')
+    else:
+        dist.print0(f'Generating {len(todo)} images to "{folder}"...')
+    batches = rank_batches(todo, batch_size, rank, world)
+    with tqdm.tqdm(total=sum(map(len, batches)), unit='img', desc=desc, disable=rank != 0 or not todo) as bar:
+        for batch_seeds in batches:
+            images = to_uint8(generate_batch(net, batch_seeds, sampler_kwargs, noise_alpha, class_idx, device))
+            for seed, image in zip(batch_seeds, images):
+                save_png(image, image_path(folder, seed, subdirs))
+            bar.update(len(batch_seeds))
+    dist.barrier()
+    if grid is not None and rank == 0:
+        save_grid([np.asarray(PIL.Image.open(image_path(folder, s, subdirs))).reshape(
+            net.img_resolution, net.img_resolution, net.img_channels) for s in grid_seeds], grid)
+    return len(todo)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shared command line.
+
+
+def _parse_seeds(ctx, param, value):
+    try:
+        seeds = parse_int_list(value)
+    except ValueError:
+        raise click.BadParameter(f'{value!r} is not a list like "0-49999" or "1,2,5-10"') from None
+    if not seeds:
+        raise click.BadParameter(f'{value!r} gives no seeds (a range a-b needs a <= b)')
+    if min(seeds) < 0:
+        raise click.BadParameter(f'seeds must be >= 0, got {min(seeds)}')
+    return seeds
+
+
+def float_list(ctx, param, value):
+    try:
+        values = [float(v) for v in value.split(',')] if isinstance(value, str) else list(value)
+    except ValueError:
+        raise click.BadParameter(f'{value!r} is not a comma-separated list of numbers') from None
+    if not values:
+        raise click.BadParameter('the list is empty')
+    return values
+
+
+def int_list(minimum):
+    def parse(ctx, param, value):
+        try:
+            values = parse_int_list(value)
+        except ValueError:
+            raise click.BadParameter(f'{value!r} is not a list like "10,12,14" or "5-9"') from None
+        if not values or min(values) < minimum:
+            raise click.BadParameter(f'{value!r}: need a non-empty list of integers >= {minimum}')
+        return values
+    return parse
+
+
+_COMMON_OPTIONS = [
+    click.option('--network', 'network_pkl', metavar='PATH', default=None,
+                 help='One network file (our training-state-*.pt, or the reference codebases\' network-snapshot-*.pkl '
+                      '/ training-state-*.pt). Without it, every checkpoint in --outdir is used.'),
+    click.option('--outdir', metavar='DIR', required=True,
+                 help='Where to save the images; without --network, also the training run directory to read.'),
+    click.option('--seeds', metavar='LIST', default='0-63', show_default=True, callback=_parse_seeds,
+                 help='Random seeds, e.g. 0-49999 or 1,2,5-10'),
+    click.option('--subdirs', is_flag=True, help='With --network: one subdirectory per 1000 seeds (always on '
+                                                 'in run-directory mode).'),
+    click.option('--class', 'class_idx', metavar='INT', type=click.IntRange(min=0), default=None,
+                 help='Class label  [default: random]'),
+    click.option('--batch', 'max_batch_size', metavar='INT', type=click.IntRange(min=1), default=64,
+                 show_default=True, help='Maximum batch size (per process)'),
+    click.option('--grid', metavar='PNG', default=None,
+                 help='Also write a grid of the first --batch images here (the folder name is appended when '
+                      'several folders are written).'),
+    click.option('--save_images', is_flag=True,
+                 help='Reference option: write only the grids (to --grid, default <outdir>/grid.png), no image files.'),
+    click.option('--steps', 'num_steps', metavar='INT', type=click.IntRange(min=2), default=18, show_default=True,
+                 help='Number of sampling steps'),
+    click.option('--sigma_min', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+                 help='Lowest noise level  [default: varies]'),
+    click.option('--sigma_max', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
+                 help='Highest noise level; moves the prior radius with it  [default: varies]'),
+    click.option('--rho', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True,
+                 help='Time step exponent'),
+    click.option('--S_churn', 'S_churn', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True,
+                 help='Stochasticity strength'),
+    click.option('--S_min', 'S_min', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True,
+                 help='Stoch. min noise level'),
+    click.option('--S_max', 'S_max', metavar='FLOAT', type=click.FloatRange(min=0), default=float('inf'),
+                 show_default=True, help='Stoch. max noise level'),
+    click.option('--S_noise', 'S_noise', metavar='FLOAT', type=float, default=1, show_default=True,
+                 help='Stoch. noise inflation'),
+    click.option('--solver', type=click.Choice(['euler', 'heun']), help='Ablate ODE solver'),
+    click.option('--disc', 'discretization', type=click.Choice(['vp', 've', 'iddpm', 'edm']),
+                 help='Ablate time step discretization'),
+    click.option('--schedule', type=click.Choice(['vp', 've', 'linear']), help='Ablate noise schedule sigma(t)'),
+    click.option('--scaling', type=click.Choice(['vp', 'none']), help='Ablate signal scaling s(t)'),
+    click.option('--pfgmpp', type=bool, default=None,
+                 help='Compatibility: must agree with the checkpoint (D comes from the checkpoint).'),
+    click.option('--aug_dim', metavar='D', type=click.FloatRange(min=0, min_open=True), default=None,
+                 help='Compatibility: must equal the checkpoint\'s D.'),
+    click.option('--align', type=bool, default=False, show_default=True,
+                 help='Scale sigma_min/sigma_max and the prior by sqrt(1+N/D) (reference option).'),
+    click.option('--ckpt', metavar='KIMG', type=int, default=0, show_default=True,
+                 help='Run-directory mode: first checkpoint (kimg) to use'),
+    click.option('--end_ckpt', metavar='KIMG', type=int, default=100000000, show_default=True,
+                 help='Run-directory mode: last checkpoint (kimg) to use'),
+    click.option('--edm', type=bool, default=False, show_default=True,
+                 help='Run-directory mode: read network-snapshot-*.pkl (EDM pickles) instead, ignoring --ckpt range'),
+    click.option('--use_pickle', type=bool, default=False, show_default=True,
+                 help='Run-directory mode: read training-state-*.pkl instead of *.pt'),
+    click.option('--resume', type=int, default=None, hidden=True, help='Accepted and ignored (unused by the reference).'),
+]
+
+
+def common_options(function):
+    for option in reversed(_COMMON_OPTIONS):
+        function = option(function)
+    return function
+
+
+SAMPLER_OPTIONS = ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise', 'solver',
+                   'discretization', 'schedule', 'scaling')
+
+
+def _load(path):
+    try:
+        return load_network(path)
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err).splitlines()[0]) from None
+
+
+def run(opts, axis=None, values=(None,), quant_filter='layers'):
+    """Drive one script: validate everything first, then sample folder by folder. axis: None, 'alpha', 'steps' or
+    'quant' with its list of values."""
+    device = dist.init()
+    seeds = opts['seeds']
+    sampler_kwargs = {key: opts[key] for key in SAMPLER_OPTIONS if opts.get(key) is not None}
+    if quant_filter not in FILTERS:
+        raise click.BadParameter(f'{quant_filter!r} is not one of {", ".join(FILTERS)}', param_hint='--quant_filter')
+
+    # Which networks.
+    if opts['network_pkl'] is not None:
+        networks = [(network_kimg(opts['network_pkl']), opts['network_pkl'])]
+    else:
+        try:
+            networks = list_run_checkpoints(opts['outdir'], opts['ckpt'], opts['end_ckpt'], opts['edm'],
+                                            opts['use_pickle'])
+        except FileNotFoundError as err:
+            raise click.ClickException(f'--outdir: {err}; pass --network=<file> or a training run directory') from None
+        if not networks:
+            raise click.ClickException(f'--outdir: no checkpoints in "{opts["outdir"]}" within --ckpt={opts["ckpt"]}'
+                                       f'..--end_ckpt={opts["end_ckpt"]}; pass --network=<file> or a run directory')
+    plain_outdir = opts['network_pkl'] is not None and axis is None  # generate.py --network: E's layout
+
+    # Validate every network and sweep value before anything is written.
+    for kimg, path in networks:
+        net = _load(path)
+        try:
+            check_prior_options(net, opts['pfgmpp'], opts['aug_dim'], path)
+            check_class(net, opts['class_idx'], path)
+            for value in values:
+                kwargs = aligned_sampler_kwargs(net, sampler_kwargs, opts['align'])
+                if axis == 'steps':
+                    kwargs['num_steps'] = value
+                sampling.prior_sigma(net, **kwargs)
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+        del net
+
+    grid = opts['grid']
+    if opts['save_images'] and grid is None:
+        grid = os.path.join(opts['outdir'], 'grid.png')
+    for kimg, path in networks:
+        dist.print0(f'Loading network from "{path}"...')
+        net = _load(path).to(device)
+        original = {name: p.detach().clone() for name, p in net.named_parameters()} if axis == 'quant' else None
+        for value in values:
+            kwargs = aligned_sampler_kwargs(net, sampler_kwargs, opts['align'])
+            noise_alpha = 0
+            if axis == 'alpha':
+                noise_alpha = value
+            elif axis == 'steps':
+                kwargs['num_steps'] = value
+            elif axis == 'quant':
+                net.load_state_dict(original, strict=False)
+                names = quantize_weights(net, value, quant_filter)
+                dist.print0(f'Quantised {len(names)} weight tensors to {value} bits ({quant_filter} filter)')
+            if plain_outdir:
+                folder, name, subdirs, only_missing = opts['outdir'], None, opts['subdirs'], False
+            else:
+                name = folder_name(kimg, seeds, axis, value)
+                folder, subdirs, only_missing = os.path.join(opts['outdir'], name), True, True
+            generate_folder(net, seeds, folder, sampler_kwargs=kwargs, noise_alpha=noise_alpha,
+                            class_idx=opts['class_idx'], batch_size=opts['max_batch_size'], subdirs=subdirs,
+                            only_missing=only_missing, grid=None if grid is None else grid_file(grid, name),
+                            grid_only=opts['save_images'], device=device, desc=name or 'images')
+        del net
+    dist.print0('Done.')
+    dist.shutdown()
