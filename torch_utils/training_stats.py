@@ -39,7 +39,8 @@ def report(name, value):
 
 def report0(name, value):
     """Report on rank 0 only; the other ranks register `name` so all ranks sync the same list."""
-    return report(name, value if distributed.get_rank() == 0 else [])
+    report(name, value if distributed.get_rank() == 0 else [])
+    return value
 
 
 class Collector:

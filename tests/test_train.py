@@ -1,0 +1,220 @@
+"""train.py end to end on the CPU: a tiny PFGM++ run, exact resume (explicit and by --name), torchrun with two
+gloo processes, and every bad input answered with one line, a non-zero exit and nothing written."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+from data_helpers import make_image_zip
+from training import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--cbase=16', '--cres=1,1', '--nblock=1', '--batch=32', '--tick=1', '--dump=1', '--lr-rampup=0',
+        '--seed=3', '--workers=1']
+PFGMPP = ['--pfgmpp=1', '--aug_dim=128']
+STATS_KEYS = ['Loss/loss', 'Progress/tick', 'Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick',
+              'Timing/sec_per_kimg', 'Timing/maintenance_sec', 'Resources/cpu_mem_gb', 'Resources/peak_gpu_mem_gb',
+              'Resources/peak_gpu_mem_reserved_gb', 'timestamp']
+
+
+def run_train(args, launcher=None):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PFGMPP_DEVICE='cpu')
+    command = (launcher or [sys.executable]) + [os.path.join(ROOT, 'train.py')] + args
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope='module')
+def data_zip(tmp_path_factory):
+    return make_image_zip(str(tmp_path_factory.mktemp('data') / 'tiny-8x8.zip'), num=96, resolution=8)
+
+
+@pytest.fixture(scope='module')
+def full_run(data_zip, tmp_path_factory):
+    """One uninterrupted 2-kimg PFGM++ run (63 steps of 32 images)."""
+    outdir = str(tmp_path_factory.mktemp('runs'))
+    log = run_train([f'--outdir={outdir}', f'--data={data_zip}', '--name=full', '--duration=0.002'] + PFGMPP + TINY)
+    return os.path.join(outdir, 'full'), outdir, log
+
+
+def _tensors(state):
+    flat = {f'net.{k}': v for k, v in state['net'].items()}
+    flat.update({f'ema.{k}': v for k, v in state['ema'].items()})
+    for index, param_state in state['optimizer_state']['state'].items():
+        flat.update({f'adam.{index}.{k}': v for k, v in param_state.items()})
+    return flat
+
+
+def assert_same_state(path_a, path_b):
+    a, b = checkpoint.load_training_state(path_a), checkpoint.load_training_state(path_b)
+    tensors_a, tensors_b = _tensors(a), _tensors(b)
+    assert tensors_a.keys() == tensors_b.keys()
+    for name in tensors_a:
+        assert torch.equal(tensors_a[name], tensors_b[name]), f'{name} differs'
+    assert a['progress'] == b['progress']
+
+
+# ------------------------------------------------------------------------------------------------------ end to end
+
+
+def test_tiny_pfgmpp_run_writes_every_file(full_run):
+    run_dir, _outdir, log = full_run
+    assert sorted(os.listdir(run_dir)) == ['log.txt', 'stats.jsonl', 'training-state-000001.pt',
+                                           'training-state-000002.pt', 'training_options.json']
+    options = json.load(open(os.path.join(run_dir, 'training_options.json')))
+    assert list(options)[:6] == ['dataset_kwargs', 'data_loader_kwargs', 'network_kwargs', 'loss_kwargs',
+                                 'optimizer_kwargs', 'augment_kwargs']
+    assert options['D'] == 128.0 and options['pfgmpp'] is True and options['loss_kwargs']['D'] == 128.0
+    assert options['seed'] == 3 and options['total_kimg'] == 2 and options['batch_size'] == 32
+    assert options['dataset_kwargs']['resolution'] == 8 and options['dataset_kwargs']['max_size'] == 96
+    assert options['network_kwargs']['model_channels'] == 16 and options['opts']['aug_dim'] == 128.0
+    assert options['run_dir'] == run_dir
+
+    log_text = open(os.path.join(run_dir, 'log.txt')).read()
+    assert 'tick 0 ' in log_text and 'tick 2 ' in log_text and 'Exiting...' in log_text
+    assert 'loss:' not in log_text  # no per-step prints
+
+    ticks = [json.loads(line) for line in open(os.path.join(run_dir, 'stats.jsonl'))]
+    assert len(ticks) == 3 and all(list(tick) == STATS_KEYS for tick in ticks)
+    assert [tick['Progress/tick']['mean'] for tick in ticks] == [0, 1, 2]
+    assert ticks[-1]['Progress/kimg']['mean'] == pytest.approx(2.016)
+    assert ticks[1]['Loss/loss']['num'] == 32 * 32 * 3 * 64  # 32 steps of 32 images × 3×8×8 elements
+    assert ticks[-1]['Loss/loss']['mean'] < ticks[0]['Loss/loss']['mean']  # the loss falls
+
+    state = torch.load(os.path.join(run_dir, 'training-state-000002.pt'), map_location='cpu', weights_only=True)
+    assert state['network_config']['D'] == 128.0
+    assert state['network_config']['class_name'] == 'EDMPrecond' and state['network_config']['model_type'] == 'SongUNet'
+    assert state['progress']['cur_nimg'] == 2016 and state['progress']['seed'] == 3
+    assert len(state['extra']['rng_states']) == 1 and 'optimizer_state' in state
+    net = checkpoint.network_from_state(state)
+    assert net.D == 128.0
+    with torch.no_grad():
+        out = net(torch.zeros(2, 3, 8, 8), torch.ones(2))
+    assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
+
+
+def test_resume_by_name_and_by_path_is_bit_identical(full_run, data_zip):
+    full_dir, outdir, _log = full_run
+    split = [f'--outdir={outdir}', f'--data={data_zip}', '--name=split'] + PFGMPP + TINY
+    run_train(split + ['--duration=0.001'])
+    split_dir = os.path.join(outdir, 'split')
+    assert [kimg for kimg, _path in checkpoint.find_checkpoints(split_dir)] == [1]
+    log = run_train(split + ['--duration=0.002'])  # the same command, longer: continues the run
+    assert 'Resuming from' in log
+    assert_same_state(os.path.join(full_dir, 'training-state-000002.pt'),
+                      os.path.join(split_dir, 'training-state-000002.pt'))
+    log = run_train(split + ['--duration=0.002'])  # nothing left to do: says so, writes nothing
+    assert 'already complete' in log
+    assert [kimg for kimg, _path in checkpoint.find_checkpoints(split_dir)] == [1, 2]
+
+    explicit = os.path.join(outdir, 'explicit')
+    run_train([f'--outdir={explicit}', f'--data={data_zip}', '--duration=0.002',
+               f'--resume={os.path.join(split_dir, "training-state-000001.pt")}'] + PFGMPP + TINY)
+    [numbered] = os.listdir(explicit)
+    assert numbered == '00000-tiny-8x8-uncond-ddpmpp-edm-gpus1-batch32-fp32'
+    assert_same_state(os.path.join(full_dir, 'training-state-000002.pt'),
+                      os.path.join(explicit, numbered, 'training-state-000002.pt'))
+
+
+def test_torchrun_two_cpu_processes(data_zip, tmp_path):
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    log = run_train([f'--outdir={tmp_path}', f'--data={data_zip}', '--name=ddp', '--duration=0.001',
+                     '--arch=ncsnpp'] + PFGMPP + TINY, launcher=launcher)
+    assert 'identical on all 2 processes' in log  # a collective check of every tensor against rank 0's
+    state = checkpoint.load_training_state(str(tmp_path / 'ddp' / 'training-state-000001.pt'))
+    assert len(state['extra']['rng_states']) == 2 and state['progress']['world_size'] == 2
+    assert not torch.equal(state['extra']['rng_states'][0]['torch'], state['extra']['rng_states'][1]['torch'])
+    assert state['network_config']['embedding_type'] == 'fourier'
+    options = json.load(open(tmp_path / 'ddp' / 'training_options.json'))
+    assert options['batch_size'] == 32
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture(scope='module')
+def bad_files(tmp_path_factory, data_zip):
+    root = tmp_path_factory.mktemp('bad')
+    corrupt_zip = root / 'corrupt.zip'
+    corrupt_zip.write_bytes(open(data_zip, 'rb').read()[:500])
+    not_dataset = root / 'notes.txt'
+    not_dataset.write_text('hello')
+    empty_dir = root / 'empty'
+    empty_dir.mkdir()
+    mixed = root / 'mixed.zip'
+    with zipfile.ZipFile(mixed, 'w') as archive:
+        for index, size in enumerate([8, 16]):
+            buffer = io.BytesIO()
+            PIL.Image.new('RGB', (size, size)).save(buffer, format='png')
+            archive.writestr(f'00000/img{index:08d}.png', buffer.getvalue())
+    corrupt_state = root / 'training-state-000001.pt'
+    corrupt_state.write_bytes(b'not a checkpoint')
+    return dict(corrupt_zip=str(corrupt_zip), not_dataset=str(not_dataset), empty_dir=str(empty_dir),
+                mixed=str(mixed), corrupt_state=str(corrupt_state), missing=str(root / 'missing.zip'))
+
+
+def invoke(args):
+    from train import main
+    result = CliRunner().invoke(main, args)
+    return result, result.output  # click ≥ 8.2: stdout and stderr interleaved
+
+
+@pytest.mark.parametrize('case', ['missing', 'not_dataset', 'empty_dir', 'corrupt_zip', 'mixed', 'cond', 'batch',
+                                  'resume_missing', 'resume_corrupt', 'resume_name', 'resume_incompatible',
+                                  'transfer_and_resume', 'transfer_missing', 'aug_dim_zero', 'aug_dim_negative',
+                                  'cres'])
+def test_bad_input_one_line_no_files(case, bad_files, data_zip, full_run, tmp_path):
+    outdir = str(tmp_path / 'out')
+    state = os.path.join(full_run[0], 'training-state-000001.pt')
+    data = dict(missing=bad_files['missing'], not_dataset=bad_files['not_dataset'],
+                empty_dir=bad_files['empty_dir'], corrupt_zip=bad_files['corrupt_zip'],
+                mixed=bad_files['mixed']).get(case, data_zip)
+    extra, expected = {
+        'missing': ([], '--data'), 'not_dataset': ([], '--data'), 'empty_dir': ([], '--data'),
+        'corrupt_zip': ([], '--data'), 'mixed': ([], '--data'),
+        'cond': (['--cond=1'], '--cond=True requires labels'),
+        'batch': (['--batch-gpu=12'], '--batch=32'),
+        'resume_missing': ([f'--resume={bad_files["missing"][:-4]}/training-state-000001.pt'], '--resume'),
+        'resume_corrupt': ([f'--resume={bad_files["corrupt_state"]}'], '--resume'),
+        'resume_name': ([f'--resume={data_zip}'], 'training-state-*.pt'),
+        'resume_incompatible': ([f'--resume={state}', '--cbase=32'], 'does not match'),
+        'transfer_and_resume': ([f'--resume={state}', f'--transfer={state}'], 'at the same time'),
+        'transfer_missing': ([f'--transfer={bad_files["missing"]}'], '--transfer'),
+        'aug_dim_zero': (['--aug_dim=0'], 'aug_dim'),
+        'aug_dim_negative': (['--aug_dim=-3'], 'aug_dim'),
+        'cres': (['--cres=1,x'], '--cres'),
+    }[case]
+    args = [f'--outdir={outdir}', f'--data={data}', '--duration=0.001'] + PFGMPP + TINY
+    args = [a for a in args if not (a.startswith('--cbase') and any(e.startswith('--cbase') for e in extra))]
+    result, output = invoke(args + extra)
+    assert result.exit_code != 0, output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # no traceback
+    error_lines = [line for line in output.splitlines() if line.startswith('Error')]
+    assert len(error_lines) == 1 and expected in error_lines[0], output
+    assert 'Traceback' not in output
+    assert not os.path.exists(outdir)
+
+
+def test_dry_run_names_the_run_dir_and_writes_nothing(data_zip, tmp_path):
+    (tmp_path / '00007-earlier').mkdir()
+    (tmp_path / '00042-a-file').write_text('files do not count')
+    result, output = invoke([f'--outdir={tmp_path}', f'--data={data_zip}', '--dry-run', '--cond=0', '--arch=adm',
+                             '--precond=ve', '--desc=try', '--batch=64'])
+    assert result.exit_code == 0, output
+    assert os.path.join(str(tmp_path), '00008-tiny-8x8-uncond-adm-ve-gpus1-batch64-fp32-try') in output
+    assert 'Dry run; exiting.' in output
+    assert sorted(os.listdir(tmp_path)) == ['00007-earlier', '00042-a-file']
+    options = json.loads(output[output.index('{'):output.index('\n}\n') + 2])
+    assert options['D'] is None and options['pfgmpp'] is False and options['opts']['aug_dim'] == 128
+    assert options['network_kwargs']['class_name'] == 'training.networks.VEPrecond'
+    assert options['loss_kwargs'] == dict(class_name='training.loss.VELoss', D=None, stf=False)
+    assert options['ema_halflife_kimg'] == 500 and options['state_dump_ticks'] == 50
