@@ -164,7 +164,9 @@ _workers_option = click.option('--workers', help='DataLoader worker processes', 
 @click.option('--images', 'image_path', help='Images (dir or zip), or a run dir with ckpt_* folders',
               metavar='PATH|ZIP', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Dataset reference statistics', metavar='NPZ|URL', type=str, required=True)
-@click.option('--num', 'num_expected', help='Number of images to use', metavar='INT',
+# `--num-images` is an alias because torchrun >= 2.x rejects `--num` after the script name as an ambiguous
+# abbreviation of its own --numa-binding option.
+@click.option('--num', '--num-images', 'num_expected', help='Number of images to use', metavar='INT',
               type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', help='Random seed for selecting the images', metavar='INT', type=int, default=0,
               show_default=True)

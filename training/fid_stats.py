@@ -215,6 +215,13 @@ def calculate_inception_stats(image_path, detector=None, num_expected=None, seed
     return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
+def _drop_round_off(eigenvalues):
+    """Eigenvalues of a PSD matrix with round-off noise (|λ| ≤ n·eps·λ_max) set to 0: with fewer samples than
+    features Σ is singular, and the square roots of ~2000 noise eigenvalues would otherwise add up to ~1e-4."""
+    tolerance = eigenvalues.size * np.finfo(np.float64).eps * max(np.abs(eigenvalues).max(initial=0), 1e-300)
+    return np.where(eigenvalues > tolerance, eigenvalues, 0)
+
+
 def calculate_fid_from_inception_stats(mu, sigma, mu_ref, sigma_ref):
     """‖μ−μ_ref‖² + Tr(Σ + Σ_ref − 2·(Σ·Σ_ref)^½), in float64.
 
@@ -228,9 +235,9 @@ def calculate_fid_from_inception_stats(mu, sigma, mu_ref, sigma_ref):
         raise ValueError(f'Statistics do not match: mu {mu.shape} vs {mu_ref.shape}, '
                          f'sigma {sigma.shape} vs {sigma_ref.shape}')
     eigenvalues, eigenvectors = np.linalg.eigh((sigma + sigma.T) / 2)
-    sqrt_sigma = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    sqrt_sigma = (eigenvectors * np.sqrt(_drop_round_off(eigenvalues))) @ eigenvectors.T
     product = sqrt_sigma @ sigma_ref @ sqrt_sigma
-    trace_sqrt_product = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum()
+    trace_sqrt_product = np.sqrt(_drop_round_off(np.linalg.eigvalsh((product + product.T) / 2))).sum()
     mean_term = np.square(mu - mu_ref).sum()
     return float(mean_term + np.trace(sigma) + np.trace(sigma_ref) - 2 * trace_sqrt_product)
 
