@@ -271,7 +271,8 @@ def main(**kwargs):
     resume = opts.resume if opts.resume is not None else latest_state
     c.seed = opts.seed
     if resume is not None:
-        state = check_resume(resume, net)
+        state = check_resume(resume, net, option='--resume' if opts.resume is not None else
+                             f'--name={opts.name} (continuing its latest state)')
         progress = state['progress']
         del state
         if progress['cur_nimg'] >= c.total_kimg * 1000:

@@ -219,3 +219,19 @@ def test_stf_trains_with_and_without_augmentation(tiny_zip, tmp_path, augment):
 def test_stf_rbatch_smaller_than_micro_batch_is_rejected(tiny_zip, tmp_path):
     with pytest.raises(ValueError, match='rbatch'):
         training_loop.training_loop(run_dir=str(tmp_path), **_options(tiny_zip, stf=True, rbatch=4))
+
+
+def test_transfer_initialises_net_and_ema_from_a_training_state(tiny_zip, tmp_path):
+    (tmp_path / 'source').mkdir()
+    (tmp_path / 'target').mkdir()
+    training_loop.training_loop(run_dir=str(tmp_path / 'source'), **_options(tiny_zip, total_kimg=0.032))
+    [(_kimg, source)] = checkpoint.find_checkpoints(str(tmp_path / 'source'))
+    source_ema = checkpoint.load_training_state(source)['ema']
+    # One step: its lr is 0 (ramp from cur_nimg 0), so Adam leaves the transferred weights exactly as they were.
+    result = training_loop.training_loop(run_dir=str(tmp_path / 'target'), resume_pkl=source, ema_rampup_ratio=None,
+                                         **_options(tiny_zip, total_kimg=0.016, seed=99))
+    assert result.cur_nimg == 16
+    for name, tensor in result.net.state_dict().items():
+        assert torch.equal(tensor, source_ema[name]), name
+    for name, tensor in result.ema.state_dict().items():
+        assert torch.equal(tensor, source_ema[name]), name
