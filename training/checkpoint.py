@@ -85,6 +85,10 @@ def load_training_state(path):
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f'{path}: not a readable training state ({first})') from None
+    return _validated(state, path)
+
+
+def _validated(state, path):
     if not isinstance(state, dict) or state.get('format') != FORMAT:
         raise CheckpointError(f'{path}: not a PFGM++ training state (no "format": "{FORMAT}" entry)')
     if state.get('version') != VERSION:
@@ -112,12 +116,13 @@ def load_network(path, which='ema'):
     (EDM network-snapshot-*.pkl, PFGM++ training-state-*.pt with pickled modules; see training/legacy.py)."""
     if not os.path.isfile(path):
         raise CheckpointError(f'{path}: no such file')
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-        ours = isinstance(state, dict) and state.get('format') == FORMAT
-    except Exception:  # a reference pickle, or not a torch file at all: legacy import decides
-        ours = False
-    if ours:
-        return network_from_state(load_training_state(path), which=which)
+    state = None
+    if zipfile.is_zipfile(path):  # torch.save's format; a bare pickle (EDM's .pkl) goes straight to legacy import
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception:  # e.g. PFGM++'s .pt with pickled modules: the legacy importer reads it safely
+            state = None
+    if isinstance(state, dict) and state.get('format') == FORMAT:
+        return network_from_state(_validated(state, path), which=which)
     from training.legacy import load_legacy_network
     return load_legacy_network(path)
