@@ -1,11 +1,14 @@
-"""Numerical precision modes shared by training and sampling.
+"""Numerical precision modes and the fast-path plumbing shared by training, sampling and the benchmark.
 
     fp32   float32 everywhere, TF32 off: the reference codebases' maths (bit-for-bit comparable runs).
     tf32   float32 tensors, TF32 tensor cores for matmul/conv on Ampere+ GPUs (10-bit mantissa products).
     bf16   autocast to bfloat16 for the network's matmuls/convs; losses, σ, preconditioning and the sampler's
            ODE state stay float32/float64.
     fp16   the reference's --fp16: the network itself computes in float16 on CUDA (use_fp16=True), with loss
-           scaling (--ls) to keep gradients in range.
+           scaling (--ls) to keep gradients in range. TF32 stays off, as in the reference.
+
+`NetworkCall` is how a loss or a sampler calls the network under a mode: autocast around the network call only
+(never around AugmentPipe's resampling matrices or the PFGM++ noise), optionally through torch.compile.
 """
 
 import contextlib
@@ -13,6 +16,10 @@ import contextlib
 import torch
 
 PRECISIONS = ('fp32', 'tf32', 'bf16', 'fp16')
+
+# The default of --precision in train.py and the generate scripts. fp32 is the reference's maths; change this
+# one line when GPU measurements justify a faster default (docs/benchmarks.md).
+DEFAULT_PRECISION = 'fp32'
 
 
 def check_precision(precision):
@@ -24,7 +31,7 @@ def check_precision(precision):
 def configure_backends(precision):
     """Set the process-wide TF32 switches for `precision` (they only matter on CUDA)."""
     check_precision(precision)
-    allow_tf32 = precision != 'fp32'
+    allow_tf32 = precision in ('tf32', 'bf16')  # bf16: whatever autocast leaves in float32 may use TF32
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
@@ -36,3 +43,48 @@ def autocast(precision, device):
     if precision == 'bf16':
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def compile_kwargs(compile):
+    """torch.compile arguments for a `compile` setting: False/None (no compile), True (inductor), or a dict of
+    torch.compile arguments (e.g. {'backend': 'aot_eager'} on the CPU, {'mode': 'reduce-overhead'} for CUDA
+    graphs). Shapes are static (dynamic=False): the training step and the sampler call the network with one
+    batch shape, and σ travels as a tensor, so nothing recompiles from step to step."""
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return dict(dynamic=False)
+    if isinstance(compile, dict):
+        return dict(dict(dynamic=False), **compile)
+    raise ValueError(f'compile must be a bool or a dict of torch.compile arguments, got {compile!r}')
+
+
+class NetworkCall:
+    """Calls the network (or `callee`, the DDP wrapper around it) under a precision mode, optionally compiled.
+
+    Reads of any other attribute (D, sigma_min, round_sigma, img_channels, parameters, ...) go to the plain
+    network, so a loss or a sampler takes a NetworkCall wherever it takes a network. torch.compile wraps only
+    the call: the network's own state_dict keeps its names (no `_orig_mod.` prefix).
+    """
+
+    def __init__(self, network, precision='fp32', compile=False, callee=None):
+        self.network = network
+        self.precision = check_precision(precision)
+        self.callee = callee if callee is not None else network  # e.g. DistributedDataParallel(network)
+        kwargs = compile_kwargs(compile)
+        self.compiled = kwargs is not None
+        # CUDA graphs reuse their output buffers: mark a new step before each call (callers consume the output
+        # at once, e.g. the sampler's .to(float64) copy).
+        self._mark_step = self.compiled and kwargs.get('mode') in ('reduce-overhead', 'max-autotune')
+        self._call = torch.compile(self.callee, **kwargs) if self.compiled else self.callee
+
+    def __call__(self, x, *args, **kwargs):
+        if self._mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast(self.precision, x.device):
+            return self._call(x, *args, **kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith('__') or name in ('network', 'callee', '_call'):  # unset (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.network, name)

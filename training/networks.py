@@ -132,13 +132,19 @@ def attention(qkv, num_heads):
     """Multi-head self-attention over the pixels of a [B, 3C, H, W] qkv map; returns [B, C, H, W].
 
     The channels are interleaved as in the reference: channel head·3c + 3j + t holds component j of q (t=0),
-    k (t=1) or v (t=2) of that head, c = C / num_heads. Weights softmax(q·k / √c) over the keys.
+    k (t=1) or v (t=2) of that head, c = C / num_heads. Weights softmax(q·k / √c) over the keys, computed by
+    the fused scaled_dot_product_attention kernels (flash / memory-efficient on CUDA).
     """
     batch, channels3, height, width = qkv.shape
     per_head = channels3 // (3 * num_heads)
-    q, k, v = qkv.reshape(batch, num_heads, per_head, 3, height * width).unbind(3)  # each [B, heads, c, HW]
-    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2),
-                                         scale=1 / math.sqrt(per_head))  # [B, heads, HW, c]
+    # One copy to [3, B, heads, HW, c]: the fused kernels need each head's c values contiguous (stride 1).
+    q, k, v = (qkv.reshape(batch, num_heads, per_head, 3, height * width).permute(3, 0, 1, 4, 2).contiguous()
+               .unbind(0))
+    out = F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(per_head))  # [B, heads, HW, c]
+    if not qkv.is_contiguous() and qkv.is_contiguous(memory_format=torch.channels_last):
+        # A channels-last network: return NHWC memory (B, HW, heads·c), a view for one head, so the next
+        # convolution needs no layout change.
+        return out.transpose(1, 2).reshape(batch, height, width, num_heads * per_head).permute(0, 3, 1, 2)
     return out.transpose(-1, -2).reshape(batch, num_heads * per_head, height, width)
 
 
