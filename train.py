@@ -12,19 +12,11 @@ import click
 import torch
 
 import dnnlib
-from torch_utils import distributed
+from torch_utils import distributed, precision
 from training import checkpoint, training_loop
 from training.pfgmpp import check_aug_dim
 
-ARCH_PRESETS = {
-    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
-                   decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
-                   channel_mult=[2, 2, 2]),
-    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual',
-                   decoder_type='standard', channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
-                   channel_mult=[2, 2, 2]),
-    'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
-}
+ARCH_PRESETS = training_loop.ARCH_PRESETS
 PRECOND_CLASSES = {'vp': ('VPPrecond', 'VPLoss'), 've': ('VEPrecond', 'VELoss'), 'edm': ('EDMPrecond', 'EDMLoss')}
 
 
@@ -52,8 +44,7 @@ def build_options(opts, world_size):
         c.loss_kwargs.lsun = opts.lsun
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
     if opts.augment:
-        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8,
-                                           yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+        c.augment_kwargs = dnnlib.EasyDict(training_loop.augment_preset(opts.augment))
         c.network_kwargs.augment_dim = 9
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
     if opts.cbase is not None:
@@ -68,8 +59,20 @@ def build_options(opts, world_size):
     c.update(rbatch=opts.rbatch, stf=opts.stf, D=D, pfgmpp=opts.pfgmpp)
     c.lr_rampup_kimg = opts.lr_rampup * 1000
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
+    c.update(precision=opts.precision, compile=opts.compile, channels_last=opts.channels_last)
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
     return c
+
+
+def resolve_precision(opts, ctx):
+    """Settle --precision and --fp16 (the reference's switch, kept: --fp16=1 means --precision=fp16)."""
+    fp16_given = ctx.get_parameter_source('fp16') != click.core.ParameterSource.DEFAULT
+    if opts.precision is None:
+        opts.precision = 'fp16' if opts.fp16 else precision.DEFAULT_PRECISION
+    elif fp16_given and opts.fp16 != (opts.precision == 'fp16'):
+        raise click.ClickException(f'--fp16={int(opts.fp16)} contradicts --precision={opts.precision}; '
+                                   f'give one of them')
+    opts.fp16 = opts.precision == 'fp16'
 
 
 def validate_dataset(c, opts):
@@ -117,7 +120,7 @@ def choose_run_dir(opts, data, world_size):
         found = checkpoint.find_checkpoints(run_dir) if os.path.isdir(run_dir) else []
         return run_dir, (found[-1][1] if found else None)
     desc = (f'{data.name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}-gpus{world_size}'
-            f'-batch{opts.batch}-{"fp16" if opts.fp16 else "fp32"}')
+            f'-batch{opts.batch}-{opts.precision}')
     if opts.desc is not None:
         desc += f'-{opts.desc}'
     prev_ids = []
@@ -217,6 +220,13 @@ def _random_seed(device):
 # Performance-related.
 @click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False,
               show_default=True)
+@click.option('--precision', help=f'Arithmetic: fp32 (TF32 off, the reference), tf32, bf16 (autocast) or fp16 '
+                                  f'(= --fp16=1)  [default: {precision.DEFAULT_PRECISION}]',
+              type=click.Choice(precision.PRECISIONS))
+@click.option('--compile', help='torch.compile the network (first steps are slower)', metavar='BOOL', type=bool,
+              default=False, show_default=True)
+@click.option('--channels-last', help='Channels-last (NHWC) network memory layout; same maths', metavar='BOOL',
+              type=bool, default=False, show_default=True)
 @click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1,
               show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True,
@@ -250,6 +260,7 @@ def main(**kwargs):
         --data=datasets/cifar10-32x32.zip --cond=0 --arch=ddpmpp --pfgmpp=1 --batch 512 --aug_dim 128
     """
     opts = dnnlib.EasyDict(kwargs)
+    resolve_precision(opts, click.get_current_context())
     device = distributed.init()
     world_size = distributed.get_world_size()
 
@@ -317,6 +328,8 @@ def main(**kwargs):
     distributed.print0(f'Number of processes:     {world_size}')
     distributed.print0(f'Batch size:              {c.batch_size}')
     distributed.print0(f'Mixed-precision:         {c.network_kwargs.use_fp16}')
+    distributed.print0(f'Precision:               {c.precision}{" + torch.compile" if c.compile else ""}'
+                       f'{" + channels-last" if c.channels_last else ""}')
     if resume is not None:
         distributed.print0(f'Resuming from:           {resume}')
     distributed.print0()

@@ -27,8 +27,30 @@ import psutil
 import torch
 
 import dnnlib
-from torch_utils import distributed, misc, precision, training_stats
+from torch_utils import distributed, misc, training_stats
+from torch_utils import precision as precision_mod
 from training import augment, checkpoint, dataset, loss, networks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py's presets (the reference's --arch choices and its --augment pipeline); the benchmark uses them too.
+
+ARCH_PRESETS = {
+    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+                   decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual',
+                   decoder_type='standard', channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+    'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+}
+
+
+def augment_preset(p):
+    """train.py's AugmentPipe options for --augment=p: x-flips always armed, the geometric ops with probability p
+    (9 augmentation labels for the network's augment_dim)."""
+    return dict(class_name='training.augment.AugmentPipe', p=p, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+                translate_frac=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,13 +101,36 @@ def build_augment_pipe(augment_kwargs):
     return augment.AugmentPipe(**kwargs)
 
 
-def build_optimizer(optimizer_kwargs, params):
+def build_optimizer(optimizer_kwargs, params, fused=False):
+    """The optimizer from its plain-data options. fused: use the single-kernel CUDA implementation where the
+    class has one (Adam/AdamW); the maths and the state dict layout are the same as the plain one."""
     kwargs = dict(optimizer_kwargs)
     name = _short_class_name(kwargs, 'optimizer')
     del kwargs['class_name']
     if not hasattr(torch.optim, name):
         raise ValueError(f'unknown optimizer {optimizer_kwargs["class_name"]!r}')
+    if fused and name in ('Adam', 'AdamW'):
+        kwargs['fused'] = True
     return getattr(torch.optim, name)(params, **kwargs)
+
+
+def load_optimizer_state(optimizer, state_dict):
+    """Load a saved optimizer state whichever implementation (fused / foreach / plain) and memory layout wrote it.
+
+    Group flags that name the implementation are kept from `optimizer` (a fused CUDA run resumes on the CPU and
+    back), and every state tensor takes its parameter's strides (fused kernels want them equal).
+    """
+    state_dict = copy.copy(state_dict)
+    implementation_keys = ('fused', 'foreach', 'capturable', 'differentiable')
+    state_dict['param_groups'] = [
+        dict(saved, **{key: current[key] for key in implementation_keys if key in current})
+        for saved, current in zip(state_dict['param_groups'], optimizer.param_groups)]
+    optimizer.load_state_dict(state_dict)
+    for group in optimizer.param_groups:
+        for param in group['params']:
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 # Runtime knobs that may change between a checkpoint and the run resuming it; everything else must match.
@@ -117,34 +162,78 @@ def batch_layout(batch_size, batch_gpu, world_size):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One step. Kept as small functions so precision modes / fused optimizers / compile can wrap them later.
+# One step. The benchmark (benchmarks/throughput.py) calls these same functions.
+#
+# Nothing here waits for the device: no .item(), no tensor-valued Python branches, no device→host copies. The
+# loss is reported to training_stats on the device and read once per tick; σ, the PFGM++ noise and the
+# augmentation are drawn on the device; the learning rate and the EMA β are Python floats.
 
 
-def accumulate_gradients(ddp, loss_fn, images, labels, augment_pipe, ref_images, grad_scale, sync):
-    """Forward and backward of one micro-batch; gradients accumulate in .grad. Reports Loss/loss on the device."""
+def prepare_training(net, optimizer_kwargs, device, precision='fp32', compile=False, channels_last=False,
+                     world_size=1):
+    """Set up the fast path around a constructed network on `device`: returns (ddp, forward, optimizer).
+
+    ddp: the network, or its DistributedDataParallel wrapper under torchrun. forward: what the loss calls as the
+    network (torch_utils.precision.NetworkCall: autocast for bf16, torch.compile of ddp when asked, the way
+    PyTorch recommends for DDP). optimizer: fused Adam when every parameter is on CUDA, plain otherwise.
+    channels_last: NHWC weights; every activation after the first convolution follows, so inputs stay as they are.
+    """
+    precision_mod.check_precision(precision)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    fused = all(p.device.type == 'cuda' for p in net.parameters())
+    optimizer = build_optimizer(optimizer_kwargs, net.parameters(), fused=fused)
+    ddp = net
+    if world_size > 1:  # DDP broadcasts rank 0's parameters and buffers (e.g. Fourier frequencies) at start
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
+    forward = precision_mod.NetworkCall(net, precision, compile=compile, callee=ddp)
+    return ddp, forward, optimizer
+
+
+def accumulate_gradients(ddp, loss_fn, images, labels, augment_pipe, ref_images, grad_scale, sync, forward=None):
+    """Forward and backward of one micro-batch; gradients accumulate in .grad. Reports Loss/loss on the device.
+
+    forward: what the loss calls as the network (see prepare_training); default ddp itself. Only that call runs
+    under autocast: the augmentation, the noise and the loss weighting stay float32.
+    """
     with misc.ddp_sync(ddp, sync):
-        per_element = loss_fn(ddp, images, labels, augment_pipe=augment_pipe, ref_images=ref_images)
+        per_element = loss_fn(forward if forward is not None else ddp, images, labels, augment_pipe=augment_pipe,
+                              ref_images=ref_images)
         training_stats.report('Loss/loss', per_element)
         per_element.sum().mul(grad_scale).backward()
+    return per_element
 
 
 def optimizer_step(net, optimizer, lr, loss_scaling):
     """Set the learning rate, sanitise the gradients, and step (no host synchronisation)."""
     for group in optimizer.param_groups:
         group['lr'] = lr
-    for param in net.parameters():
-        if param.grad is not None:
-            if loss_scaling != 1:
-                param.grad.div_(loss_scaling)
-            torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5, out=param.grad)
+    grads = [param.grad for param in net.parameters() if param.grad is not None]
+    if loss_scaling != 1:
+        torch._foreach_div_(grads, loss_scaling)
+    for grad in grads:
+        torch.nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5, out=grad)
     optimizer.step()
+
+
+def training_step(ddp, forward, net, optimizer, loss_fn, augment_pipe, next_micro_batch, num_rounds, grad_scale, lr,
+                  loss_scaling):
+    """One optimizer step over `num_rounds` micro-batches from next_micro_batch() -> (images, labels, ref_images)
+    on the device. Returns the last micro-batch's per-element loss (a device tensor; reading it would sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    for round_idx in range(num_rounds):
+        images, labels, ref_images = next_micro_batch()
+        per_element = accumulate_gradients(ddp, loss_fn, images, labels, augment_pipe, ref_images, grad_scale,
+                                           sync=round_idx == num_rounds - 1, forward=forward)
+    optimizer_step(net, optimizer, lr, loss_scaling)
+    return per_element.detach()
 
 
 @torch.no_grad()
 def update_ema(ema, net, beta):
-    """ema ← net + β·(ema − net) for parameters; buffers are copied so EMA and network never drift apart."""
-    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-        p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+    """ema ← net + β·(ema − net) for parameters (one multi-tensor kernel); buffers are copied so EMA and network
+    never drift apart."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1 - beta)
     for b_ema, b_net in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b_net)
 
@@ -156,14 +245,28 @@ def ema_beta(batch_size, cur_nimg, ema_halflife_kimg, ema_rampup_ratio):
     return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
 
 
+def _resolve_precision(network_kwargs, precision):
+    """(network_kwargs, precision) with use_fp16 and the precision agreeing; ValueError when they contradict."""
+    use_fp16 = bool(network_kwargs.get('use_fp16', False))
+    if precision is None:
+        precision = 'fp16' if use_fp16 else 'fp32'
+    precision_mod.check_precision(precision)
+    if use_fp16 and precision != 'fp16':
+        raise ValueError(f'network_kwargs use_fp16=True contradicts precision={precision!r} (use precision=fp16)')
+    if precision == 'fp16' and not use_fp16:
+        network_kwargs = dict(network_kwargs, use_fp16=True)
+    return network_kwargs, precision
+
+
 def _stream_seed(seed, rank, world_size):
     return (int(seed) * world_size + rank) % (1 << 31)
 
 
 def _next_batch(data_iter, device):
+    # non_blocking: from pinned memory the copy is queued behind the running step instead of waiting for it.
     images, labels = next(data_iter)
-    images = images.to(device).to(torch.float32) / 127.5 - 1
-    return images, labels.to(device)
+    images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
+    return images, labels.to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,9 +277,14 @@ def training_loop(
     augment_kwargs=None, seed=0, batch_size=512, batch_gpu=None, total_kimg=200000, ema_halflife_kimg=500,
     ema_rampup_ratio=0.05, lr_rampup_kimg=10000, loss_scaling=1, kimg_per_tick=50, snapshot_ticks=50,
     state_dump_ticks=500, resume_pkl=None, resume_state_dump=None, resume_kimg=0, cudnn_benchmark=True,
-    stf=False, rbatch=4096, D=None, pfgmpp=None, opts=None, device=None,
+    stf=False, rbatch=4096, D=None, pfgmpp=None, opts=None, precision=None, compile=False, channels_last=False,
+    device=None,
 ):
     """Train; returns EasyDict(net, ema, cur_nimg). Options are the training_options.json entries (see train.py).
+
+    precision: one of torch_utils.precision.PRECISIONS; None takes network_kwargs' use_fp16 (fp16, else fp32).
+    'fp16' sets the network's use_fp16. compile: False, True (torch.compile, inductor) or a dict of
+    torch.compile arguments. channels_last: NHWC network weights (CUDA speed; same maths).
 
     resume_pkl: a network file to initialise from (--transfer). resume_state_dump: a training state to continue.
     snapshot_ticks is accepted for compatibility: only training states are written (every state_dump_ticks).
@@ -192,8 +300,10 @@ def training_loop(
     if stf and rbatch < batch_gpu:
         raise ValueError(f'rbatch ({rbatch} per process) must be at least the micro-batch ({batch_gpu})')
     loader_batch = rbatch if stf else batch_gpu
+    network_kwargs, precision = _resolve_precision(network_kwargs, precision)
+    training_options.update(network_kwargs=network_kwargs, precision=precision)
     torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
-    precision.configure_backends('fp32')
+    precision_mod.configure_backends(precision)
 
     state = checkpoint.load_training_state(resume_state_dump) if resume_state_dump else None
     progress = dict(cur_nimg=0, cur_tick=0, tick_start_nimg=0, data_position=0)
@@ -232,7 +342,8 @@ def training_loop(
     distributed.print0('Setting up training state...')
     loss_fn = build_loss(loss_kwargs)
     augment_pipe = build_augment_pipe(augment_kwargs)
-    optimizer = build_optimizer(optimizer_kwargs, net.parameters())
+    ddp, forward, optimizer = prepare_training(net, optimizer_kwargs, device, precision=precision, compile=compile,
+                                               channels_last=channels_last, world_size=world_size)
     if resume_pkl is not None and state is None:
         distributed.print0(f'Initialising from "{resume_pkl}"...')
         misc.copy_params_and_buffers(checkpoint.load_network(resume_pkl), net, require_all=False)
@@ -240,10 +351,7 @@ def training_loop(
         distributed.print0(f'Resuming from "{resume_state_dump}" at {progress["cur_nimg"] / 1e3:.3f} kimg...')
         check_resume_compatible(state, net.config, resume_state_dump)
         net.load_state_dict(state['net'])
-        optimizer.load_state_dict(state['optimizer_state'])
-    ddp = net
-    if world_size > 1:  # DDP broadcasts rank 0's parameters and buffers (e.g. Fourier frequencies) at start
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None)
+        load_optimizer_state(optimizer, state['optimizer_state'])
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     if state is not None:
         ema.load_state_dict(state['ema'])
@@ -273,16 +381,16 @@ def training_loop(
     maintenance_time = tick_start_time - start_time
     data_iter = iter(loader) if cur_nimg < total_nimg else None
     done = cur_nimg >= total_nimg
+
+    def next_micro_batch():
+        images, labels = _next_batch(data_iter, device)
+        return images[:batch_gpu], labels[:batch_gpu], (images if stf else None)
+
     while not done:
-        optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(num_accumulation_rounds):
-            images, labels = _next_batch(data_iter, device)
-            ref_images = images if stf else None
-            accumulate_gradients(ddp, loss_fn, images[:batch_gpu], labels[:batch_gpu], augment_pipe, ref_images,
-                                 grad_scale=loss_scaling / batch_gpu_total,
-                                 sync=round_idx == num_accumulation_rounds - 1)
         lr = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-        optimizer_step(net, optimizer, lr, loss_scaling)
+        training_step(ddp, forward, net, optimizer, loss_fn, augment_pipe, next_micro_batch,
+                      num_accumulation_rounds, grad_scale=loss_scaling / batch_gpu_total, lr=lr,
+                      loss_scaling=loss_scaling)
         update_ema(ema, net, ema_beta(batch_size, cur_nimg, ema_halflife_kimg, ema_rampup_ratio))
 
         cur_nimg += batch_size
