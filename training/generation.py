@@ -14,6 +14,9 @@ Seeds are sharded over torchrun ranks as the reference does; every image depends
 (`sampler.SeedRandom`), so batch size and rank count never change the bytes of an image on the CPU. On CUDA the
 latents and noise are identical too, but cuDNN may pick kernels that round differently per batch shape (measured
 ≤ 1e-5 on an H100), which can flip a rare uint8 value.
+
+Speed: --precision (fp32/tf32/bf16/fp16), --compile and --channels-last change only how the network is called
+(`prepare_network`); the ODE state stays float64. Large --batch values use the GPU best (docs/benchmarks.md).
 """
 
 import math
@@ -29,6 +32,7 @@ import tqdm
 
 from dnnlib.util import atomic_write, parse_int_list
 from torch_utils import distributed as dist
+from torch_utils import precision as precision_mod
 from training import sampler as sampling
 from training.checkpoint import CheckpointError, find_checkpoints, load_network
 from training.quantize import FILTERS, quantize_weights
@@ -183,6 +187,25 @@ def rank_batches(seeds, batch_size, rank, world_size):
     return [chunk.tolist() for chunk in chunks[rank::world_size] if len(chunk)]
 
 
+def prepare_network(net, precision=None, compile=False, channels_last=False):
+    """The network as the samplers call it: a torch_utils.precision.NetworkCall under `precision`.
+
+    precision None: fp16 for a network trained with --fp16 (its use_fp16, as the reference samples it), else
+    precision.DEFAULT_PRECISION. fp16 sets the network's use_fp16 (float16 on CUDA); the other modes clear it.
+    Sets the process-wide TF32 switches. The ODE state stays float64 (training/sampler.py): only the network
+    call changes. compile: torch.compile with static shapes (one compile per batch shape; σ is a tensor, so the
+    steps share it). channels_last: NHWC weights, same maths.
+    """
+    if precision is None:
+        precision = 'fp16' if getattr(net, 'use_fp16', False) else precision_mod.DEFAULT_PRECISION
+    precision_mod.configure_backends(precision)
+    if hasattr(net, 'use_fp16'):
+        net.use_fp16 = precision == 'fp16'
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    return precision_mod.NetworkCall(net, precision, compile=compile)
+
+
 @torch.no_grad()
 def generate_batch(net, seeds, sampler_kwargs, noise_alpha=0, class_idx=None, device=None):
     """Images (float64, NCHW, ~[-1, 1]) for `seeds`. Per seed: prior, then class index, then sampler noise."""
@@ -319,6 +342,14 @@ _COMMON_OPTIONS = [
                  help='Ablate time step discretization'),
     click.option('--schedule', type=click.Choice(['vp', 've', 'linear']), help='Ablate noise schedule sigma(t)'),
     click.option('--scaling', type=click.Choice(['vp', 'none']), help='Ablate signal scaling s(t)'),
+    click.option('--precision', type=click.Choice(precision_mod.PRECISIONS), default=None,
+                 help=f'Arithmetic of the network call: fp32 (TF32 off, the reference), tf32, bf16 (autocast) or '
+                      f'fp16; the ODE state stays float64  [default: fp16 for a network trained with --fp16, '
+                      f'else {precision_mod.DEFAULT_PRECISION}]'),
+    click.option('--compile', type=bool, default=False, show_default=True, metavar='BOOL',
+                 help='torch.compile the network (pays off for many batches; one compile per batch shape)'),
+    click.option('--channels-last', 'channels_last', type=bool, default=False, show_default=True, metavar='BOOL',
+                 help='Channels-last (NHWC) network memory layout; same maths'),
     click.option('--pfgmpp', type=bool, default=None,
                  help='Compatibility: must agree with the checkpoint (D comes from the checkpoint).'),
     click.option('--aug_dim', metavar='D', type=click.FloatRange(min=0, min_open=True), default=None,
@@ -399,6 +430,9 @@ def run(opts, axis=None, values=(None,), quant_filter='layers'):
         dist.print0(f'Loading network from "{path}"...')
         net = _load(path).to(device)
         original = {name: p.detach().clone() for name, p in net.named_parameters()} if axis == 'quant' else None
+        # Quantisation below rewrites the weights in place, so the compiled call keeps working on them.
+        net_call = prepare_network(net, opts.get('precision'), opts.get('compile', False),
+                                   opts.get('channels_last', False))
         for value in values:
             kwargs = aligned_sampler_kwargs(net, sampler_kwargs, opts['align'])
             noise_alpha = 0
@@ -415,10 +449,10 @@ def run(opts, axis=None, values=(None,), quant_filter='layers'):
             else:
                 name = folder_name(kimg, seeds, axis, value)
                 folder, subdirs, only_missing = os.path.join(opts['outdir'], name), True, True
-            generate_folder(net, seeds, folder, sampler_kwargs=kwargs, noise_alpha=noise_alpha,
+            generate_folder(net_call, seeds, folder, sampler_kwargs=kwargs, noise_alpha=noise_alpha,
                             class_idx=opts['class_idx'], batch_size=opts['max_batch_size'], subdirs=subdirs,
                             only_missing=only_missing, grid=None if grid is None else grid_file(grid, name),
                             grid_only=opts['save_images'], device=device, desc=name or 'images')
-        del net
+        del net, net_call
     dist.print0('Done.')
     dist.shutdown()

@@ -3,7 +3,8 @@
 PFGM++ with the alignment r = σ√D has exactly EDM's ODE in σ (paper §1.5); only the prior differs. So the
 samplers here take `latents` that are x already drawn from the prior at the first noise level of their grid
 (σ·N(0, I) for EDM, `training.pfgmpp.sample_noise(shape, σ, D)` for PFGM++); `prior_sigma()` says which level
-that is. The ODE state is kept in float64; the network is called in one place, `denoise()`.
+that is. The ODE state is kept in float64 whatever the network's precision; the network is called in one place,
+`denoise()`.
 
 Randomness (churn and α noise injection) is drawn through `randn_like`, normally the per-seed
 `SeedRandom.randn_like`, so every image depends on its own seed only.
@@ -22,7 +23,12 @@ ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling')
 
 
 def denoise(net, x, sigma, class_labels=None):
-    """D(x; σ) in float64: the single place where samplers call the network. sigma: a Python float."""
+    """D(x; σ) in float64: the single place where samplers call the network. sigma: a Python float.
+
+    `net` may be a torch_utils.precision.NetworkCall (training/generation.py's prepare_network): the call then
+    runs under its precision mode (e.g. bf16 autocast) and possibly compiled, while x and the result stay float64.
+    σ goes in as a [B] tensor, so a compiled network sees the same input shapes at every step (no recompiles).
+    """
     sigma = torch.full((x.shape[0],), float(sigma), dtype=torch.float64, device=x.device)
     return net(x, sigma, class_labels).to(torch.float64)
 
