@@ -31,7 +31,9 @@ def check_precision(precision):
 def configure_backends(precision):
     """Set the process-wide TF32 switches for `precision` (they only matter on CUDA)."""
     check_precision(precision)
-    allow_tf32 = precision in ('tf32', 'bf16')  # bf16: whatever autocast leaves in float32 may use TF32
+    # Only tf32. bf16 autocasts the network's matmuls/convs itself; what runs outside autocast (AugmentPipe's
+    # resampling matrices, the loss) stays true float32. fp16 is the reference's --fp16, which had TF32 off.
+    allow_tf32 = precision == 'tf32'
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
