@@ -341,7 +341,8 @@ class Results:
                          f'{_fmt(sample.get("sample_rel_rms_diff"), "e")} | {row["status"]} |')
         for (arch, mode), row in sample_parity.items():
             if mode != 'ref' and (mode not in self.parity or arch != self.parity[mode]['arch']):
-                lines.append(f'| {arch} | {mode} | – | – | – | – | – | {_fmt(row["sample_max_abs_diff"], "e")} | '
+                lines.append(f'| {arch} | {mode} | – | – | – | – | – | '
+                             f'{_fmt(row["sample_max_abs_diff"], "e")} | '
                              f'{_fmt(row["sample_rel_rms_diff"], "e")} | samples only |')
         return '\n'.join(lines) + '\n'
 
@@ -373,6 +374,23 @@ def _one_line(err):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def job_order(archs, modes, parity_modes, ref):
+    """[(kind, arch, mode)] in order of importance. Per arch: ref, the eager modes and the first compiled mode
+    (probably the fastest), then (first arch only) the parity runs, eager modes first, then the arch's other
+    compiled modes. A run cut short by the time budget keeps what matters most."""
+    compiled = [m for m in modes if m.compile]
+    early = [m for m in modes if not m.compile or m is compiled[0]]
+    late = [m for m in modes if m not in early]
+    jobs = []
+    for index, arch in enumerate(archs):
+        jobs += [(kind, arch, m) for m in early for kind in ('train', 'sample')]
+        if index == 0 and parity_modes:
+            eager_first = sorted(parity_modes, key=lambda m: m.compile)
+            jobs += [('parity', arch, ref)] + [('parity', arch, m) for m in eager_first]
+        jobs += [(kind, arch, m) for m in late for kind in ('train', 'sample')]
+    return jobs
 
 
 @click.command()
@@ -427,9 +445,12 @@ def main(archs, modes, batch_train, batch_sample, nfe, slow_sample_steps, parity
                         warmup_steps=warmup_steps, seconds=seconds, min_steps=2 if quick else 5, max_steps=200,
                         compile_backend=compile_backend)
 
+    if device.type == 'cuda':
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
     meta = dict(
-        _start=time.perf_counter(), torch=torch.__version__, cuda=torch.version.cuda,
-        device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)',
+        _start=time.perf_counter(), torch=torch.__version__, cuda=torch.version.cuda, device_name=device_name,
         date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'), python=platform.python_version(),
         command=' '.join([os.path.relpath(sys.argv[0], ROOT) if os.path.isabs(sys.argv[0]) else sys.argv[0]]
                          + sys.argv[1:]),
@@ -453,21 +474,16 @@ def main(archs, modes, batch_train, batch_sample, nfe, slow_sample_steps, parity
     print(f'torch {torch.__version__} (CUDA {torch.version.cuda}) on {meta["device_name"]}, {meta["date"]}')
     print(meta['setup'])
 
-    def out_of_time():
-        return time.perf_counter() - meta['_start'] >= time_budget
-
-    # Jobs in order of importance.
-    jobs = []
-    for index, arch in enumerate(archs):
-        for mode in modes:
-            jobs += [('train', arch, mode), ('sample', arch, mode)]
-        if index == 0 and parity_modes:
-            jobs += [('parity', arch, ref)] + [('parity', arch, m) for m in parity_modes]
+    jobs = job_order(archs, modes, parity_modes, ref)
     reference_samples = {}
     trajectories = {}
+    durations = {}  # (kind, compiled) -> seconds of the last such job, to foresee a compile that cannot finish
     for kind, arch, mode in jobs:
         label = f'{kind:<6s} {arch:<7s} {mode.name:<28s}'
-        if out_of_time():
+        left = time_budget - (time.perf_counter() - meta['_start'])
+        # A compile that cannot finish in time is not started (a parity run compiles like a training run).
+        expected = durations.get(('sample' if kind == 'sample' else 'train', True), 0) if mode.compile else 0
+        if left <= 0 or expected > left:
             status = f'skipped (time budget {time_budget:g} s)'
             if kind == 'parity':
                 for name in (['fp32 repeat'] if mode is ref else [mode.name]):
@@ -507,7 +523,10 @@ def main(archs, modes, batch_train, batch_sample, nfe, slow_sample_steps, parity
                 results.update_parity(name, status='ok', **values)
                 text = (f'{name}: loss rel. diff mean {values["loss_rel_diff_mean"]:.1e} max '
                         f'{values["loss_rel_diff_max"]:.1e}, param rel. diff {values["param_rel_diff"]:.1e}')
-            print(f'{label} {text}  ({time.perf_counter() - start:.0f} s)', flush=True)
+            duration = time.perf_counter() - start
+            if kind != 'parity' or mode.compile:
+                durations[('sample' if kind == 'sample' else 'train', mode.compile)] = duration
+            print(f'{label} {text}  ({duration:.0f} s)', flush=True)
         except Exception as err:  # one mode failing (e.g. a compile error) must not end the run
             status = f'failed: {_one_line(err)}'
             if kind == 'parity':
