@@ -64,11 +64,11 @@ def build_options(opts, world_size):
     return c
 
 
-def resolve_precision(opts, ctx):
+def resolve_precision(opts, ctx, device):
     """Settle --precision and --fp16 (the reference's switch, kept: --fp16=1 means --precision=fp16)."""
     fp16_given = ctx.get_parameter_source('fp16') != click.core.ParameterSource.DEFAULT
     if opts.precision is None:
-        opts.precision = 'fp16' if opts.fp16 else precision.DEFAULT_PRECISION
+        opts.precision = 'fp16' if opts.fp16 else precision.default_precision(device, 'train')
     elif fp16_given and opts.fp16 != (opts.precision == 'fp16'):
         raise click.ClickException(f'--fp16={int(opts.fp16)} contradicts --precision={opts.precision}; '
                                    f'give one of them')
@@ -221,7 +221,7 @@ def _random_seed(device):
 @click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False,
               show_default=True)
 @click.option('--precision', help=f'Arithmetic: fp32 (TF32 off, the reference), tf32, bf16 (autocast) or fp16 '
-                                  f'(= --fp16=1)  [default: {precision.DEFAULT_PRECISION}]',
+                                  f'(= --fp16=1)  [default: {precision.DEFAULT_HELP["train"]}]',
               type=click.Choice(precision.PRECISIONS))
 @click.option('--compile', help='torch.compile the network (first steps are slower)', metavar='BOOL', type=bool,
               default=False, show_default=True)
@@ -260,8 +260,8 @@ def main(**kwargs):
         --data=datasets/cifar10-32x32.zip --cond=0 --arch=ddpmpp --pfgmpp=1 --batch 512 --aug_dim 128
     """
     opts = dnnlib.EasyDict(kwargs)
-    resolve_precision(opts, click.get_current_context())
     device = distributed.init()
+    resolve_precision(opts, click.get_current_context(), device)
     world_size = distributed.get_world_size()
 
     c = build_options(opts, world_size)

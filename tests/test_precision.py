@@ -257,7 +257,8 @@ def test_train_rejects_contradicting_precision_and_fp16(args, data_zip, tmp_path
 
 
 @pytest.mark.parametrize('args, suffix, use_fp16', [
-    ([], f'-{precision.DEFAULT_PRECISION}', False), (['--fp16=1'], '-fp16', True),
+    ([], '-fp32', False),  # the CPU default (tests run on the CPU)
+    (['--fp16=1'], '-fp16', True),
     (['--precision=fp16', '--fp16=1'], '-fp16', True), (['--precision=bf16', '--compile=1'], '-bf16', False)])
 def test_train_dry_run_records_precision(args, suffix, use_fp16, data_zip, tmp_path):
     result, output = _dry_run(data_zip, tmp_path, args)
@@ -306,3 +307,13 @@ def test_generate_bf16_matches_fp32(tmp_path):
     # The same samples up to bf16 rounding of the network call (measured: mean 0.8 levels, max 11 for this
     # unit-gain random network, which amplifies rounding more than a trained one); nonzero: --precision reached it.
     assert 0 < diff.mean() < 2 and diff.max() <= 32, (diff.mean(), diff.max())
+
+
+def test_measured_defaults_per_device_and_purpose(monkeypatch):
+    assert precision.default_precision('cpu', 'train') == 'fp32'
+    assert precision.default_precision('cpu', 'sample') == 'fp32'
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    assert precision.default_precision('cuda', 'train') == 'bf16'
+    assert precision.default_precision('cuda', 'sample') == 'tf32'
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)
+    assert precision.default_precision('cuda', 'train') == 'tf32'  # no fast bf16 before Ampere

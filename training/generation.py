@@ -191,13 +191,14 @@ def prepare_network(net, precision=None, compile=False, channels_last=False):
     """The network as the samplers call it: a torch_utils.precision.NetworkCall under `precision`.
 
     precision None: fp16 for a network trained with --fp16 (its use_fp16, as the reference samples it), else
-    precision.DEFAULT_PRECISION. fp16 sets the network's use_fp16 (float16 on CUDA); the other modes clear it.
+    the measured default for sampling on the network's device (tf32 on CUDA, fp32 on the CPU). fp16 sets the network's use_fp16 (float16 on CUDA); the other modes clear it.
     Sets the process-wide TF32 switches. The ODE state stays float64 (training/sampler.py): only the network
     call changes. compile: torch.compile with static shapes (one compile per batch shape; σ is a tensor, so the
     steps share it). channels_last: NHWC weights, same maths.
     """
     if precision is None:
-        precision = 'fp16' if getattr(net, 'use_fp16', False) else precision_mod.DEFAULT_PRECISION
+        device = next(net.parameters()).device
+        precision = 'fp16' if getattr(net, 'use_fp16', False) else precision_mod.default_precision(device, 'sample')
     precision_mod.configure_backends(precision)
     if hasattr(net, 'use_fp16'):
         net.use_fp16 = precision == 'fp16'
@@ -345,7 +346,7 @@ _COMMON_OPTIONS = [
     click.option('--precision', type=click.Choice(precision_mod.PRECISIONS), default=None,
                  help=f'Arithmetic of the network call: fp32 (TF32 off, the reference), tf32, bf16 (autocast) or '
                       f'fp16; the ODE state stays float64  [default: fp16 for a network trained with --fp16, '
-                      f'else {precision_mod.DEFAULT_PRECISION}]'),
+                      f'else {precision_mod.DEFAULT_HELP["sample"]}]'),
     click.option('--compile', type=bool, default=False, show_default=True, metavar='BOOL',
                  help='torch.compile the network (pays off for many batches; one compile per batch shape)'),
     click.option('--channels-last', 'channels_last', type=bool, default=False, show_default=True, metavar='BOOL',
