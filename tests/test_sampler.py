@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from training import sampler as S
+from training.networks import iddpm_noise_levels
 from training.pfgmpp import posterior_logits
 
 
@@ -139,7 +140,7 @@ def test_ablation_vp_grid_and_schedule_closed_forms():
     assert [ve.sigma(t) for t in ve.t_steps[:-1]] == pytest.approx(
         [100 * (0.02 / 100) ** (i / 4) for i in range(5)], rel=1e-12)
     iddpm = S._AblationSchedule(net, 4, None, None, 7, 'iddpm', 'linear', 'none', 1e-3, 0.001, 0.008, 1000)
-    u = [v for v in S._iddpm_levels(0.001, 0.008, 1000) if 0.002 <= v <= 81]
+    u = [v for v in iddpm_noise_levels(0.001, 0.008, 1000) if 0.002 <= v <= 81]
     assert iddpm.t_steps[:-1] == [u[0], u[round((len(u) - 1) / 3)], u[round(2 * (len(u) - 1) / 3)], u[-1]]
 
 

@@ -21,6 +21,7 @@ from training.pfgmpp import check_aug_dim
 __all__ = [
     'weight_init', 'Linear', 'Conv2d', 'GroupNorm', 'attention', 'PositionalEmbedding', 'FourierEmbedding',
     'UNetBlock', 'SongUNet', 'DhariwalUNet', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond',
+    'iddpm_noise_levels',
     'build_network',
 ]
 
@@ -584,6 +585,18 @@ class VEPrecond(_Preconditioner):
         return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
 
 
+def iddpm_noise_levels(C_1=0.001, C_2=0.008, M=1000):
+    """List of M + 1 float64 levels: u[M] = 0, u[j−1] = sqrt((u[j]² + 1) / max(ᾱ(j−1)/ᾱ(j), C_1) − 1), with
+    ᾱ(j) = sin²(π/2 · j / (M(1 + C_2))): improved DDPM's cosine schedule, shared by iDDPMPrecond and the
+    ablation sampler's iddpm discretisation."""
+    def alpha_bar(j):
+        return math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
+    u = [0.0] * (M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
+    return u
+
+
 class iDDPMPrecond(_Preconditioner):
     """Improved-DDPM preconditioning: a cosine schedule of M discrete noise levels u_M = 0 < ... < u_0.
 
@@ -597,21 +610,12 @@ class iDDPMPrecond(_Preconditioner):
         self.C_1 = C_1
         self.C_2 = C_2
         self.M = M
-        levels = self._noise_levels(C_1, C_2, M)
+        levels = iddpm_noise_levels(C_1, C_2, M)
         self.register_buffer('u', torch.tensor(levels, dtype=torch.float32))
         # The buffer's float32 values, read off the host copy (no device round trip).
         self.sigma_min = torch.tensor(levels[M - 1], dtype=torch.float32, device='cpu').item()
         self.sigma_max = torch.tensor(levels[0], dtype=torch.float32, device='cpu').item()
 
-    @staticmethod
-    def _noise_levels(C_1, C_2, M):
-        """List of M + 1 float64 levels: u[M] = 0, u[j−1] = sqrt((u[j]² + 1) / max(ᾱ(j−1)/ᾱ(j), C_1) − 1), ᾱ(j) = sin²(π/2 · j / (M(1 + C_2)))."""
-        def alpha_bar(j):
-            return math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
-        u = [0.0] * (M + 1)
-        for j in range(M, 0, -1):
-            u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
-        return u
 
     def precondition(self, sigma):
         c_skip = torch.ones_like(sigma)

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from training.networks import iddpm_noise_levels
 from training.pfgmpp import sample_noise
 
 __all__ = ['denoise', 'edm_sigma_steps', 'edm_sampler', 'ablation_sampler', 'ABLATION_OPTIONS', 'uses_ablation',
@@ -108,16 +109,6 @@ def _vp_sigma_inv(beta_d, beta_min):
     return lambda s: (math.sqrt(beta_min ** 2 + 2 * beta_d * math.log1p(s ** 2)) - beta_min) / beta_d
 
 
-def _iddpm_levels(C_1, C_2, M):
-    """u_M = 0 < … < u_0, the improved-DDPM cosine noise levels (float64)."""
-    def alpha_bar(j):
-        return math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
-    u = [0.0] * (M + 1)
-    for j in range(M, 0, -1):
-        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
-    return u
-
-
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f'{name} must be one of {"/".join(choices)}, got {value!r}')
@@ -149,7 +140,7 @@ class _AblationSchedule:
         elif discretization == 've':
             sigma_steps = [math.sqrt(sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** f) for f in frac]
         elif discretization == 'iddpm':
-            u = [v for v in _iddpm_levels(C_1, C_2, M) if sigma_min <= v <= sigma_max]
+            u = [v for v in iddpm_noise_levels(C_1, C_2, M) if sigma_min <= v <= sigma_max]
             sigma_steps = [u[round((len(u) - 1) * f)] for f in frac]
         else:
             sigma_steps = [(sigma_max ** (1 / rho) + f * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
