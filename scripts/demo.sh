@@ -28,8 +28,8 @@ $PY generate.py --network="$STATE" --outdir="$OUT/samples" --seeds="0-$((NUM_FID
     --grid="$OUT/grid.png"
 
 echo "== 4/4 FID against the dataset (${NUM_FID} images each; offline Inception detector)"
-$PY fid.py ref --data="$OUT/datasets/digits-16x16-ref.zip" --dest="$OUT/fid-refs/digits-16x16.npz"
-FID=$($PY fid.py calc --images="$OUT/samples" --ref="$OUT/fid-refs/digits-16x16.npz" --num="$NUM_FID" | tail -n 1)
+$PY fid.py ref --data="$OUT/datasets/digits-16x16-ref.zip" --dest="$OUT/fid-refs/digits-16x16.npz" --workers=1
+FID=$($PY fid.py calc --images="$OUT/samples" --ref="$OUT/fid-refs/digits-16x16.npz" --num="$NUM_FID" --workers=1 | tail -n 1)
 
 echo
 echo "Run directory : $RUN  (log.txt, stats.jsonl, training_options.json, $(basename "$STATE"))"
