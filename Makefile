@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make demo   set up, then build the offline demo dataset, train a small PFGM++ model (D=128), sample a grid, FID
 #   make test   set up, then run the whole test suite on the CPU
-# Everything installs into a virtual environment (.venv) so a fresh clone needs nothing but Python 3.9+.
+# Everything installs into a virtual environment (.venv) so a fresh clone needs nothing but Python 3.11 (tested).
 #
 # PyTorch: TORCH_SPEC picks the build. The default is the CPU wheel torch==2.13.0 (small, works everywhere).
 # GPU users: make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu126"  (see README).
