@@ -86,7 +86,7 @@ def validate_dataset(c, opts):
         dataset_name = dataset_obj.name
         has_labels = dataset_obj.has_labels
     except Exception as err:  # ValueError/OSError/BadZipFile: any failure to open is a bad --data
-        raise click.ClickException(f'--data: {_first_line(err)}') from None
+        raise click.ClickException(f'--data: {dnnlib.util.error_summary(err)}') from None
     if opts.cond and not has_labels:
         raise click.ClickException('--cond=True requires labels specified in dataset.json')
     c.dataset_kwargs.resolution = resolution
@@ -106,7 +106,7 @@ def expected_network(c, data):
             return training_loop.build_network(*args)
     except (ValueError, TypeError) as err:
         raise click.ClickException(f'network options (--arch/--cbase/--cres/--nblock) do not make a network: '
-                                   f'{_first_line(err)}') from None
+                                   f'{dnnlib.util.error_summary(err)}') from None
 
 
 def choose_run_dir(opts, data, world_size):
@@ -146,7 +146,7 @@ def check_resume(path, net, option='--resume'):
             wrong = sorted(set(expected.items()) ^ set(saved.items()))[0][0]
             raise checkpoint.CheckpointError(f'{path}: tensor {wrong} does not match this run\'s network')
     except checkpoint.CheckpointError as err:
-        raise click.ClickException(f'{option}: {_first_line(err)}') from None
+        raise click.ClickException(f'{option}: {dnnlib.util.error_summary(err)}') from None
     return state
 
 
@@ -154,17 +154,12 @@ def check_transfer(path, net):
     try:
         source = checkpoint.load_network(path)
     except (checkpoint.CheckpointError, ValueError, OSError, ImportError) as err:
-        raise click.ClickException(f'--transfer: {_first_line(err)}') from None
+        raise click.ClickException(f'--transfer: {dnnlib.util.error_summary(err)}') from None
     source_shapes = {name: tuple(t.shape) for name, t in list(source.named_parameters()) + list(source.named_buffers())}
     for name, tensor in list(net.named_parameters()) + list(net.named_buffers()):
         if name in source_shapes and source_shapes[name] != tuple(tensor.shape):
             raise click.ClickException(f'--transfer: {path}: {name} has shape {list(source_shapes[name])}, this run '
                                        f'needs {list(tensor.shape)}')
-
-
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _random_seed(device):

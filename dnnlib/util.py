@@ -37,6 +37,12 @@ def parse_int_list(value):
     return result
 
 
+def error_summary(error):
+    """One line for a user: the first non-empty line of an exception's message, or its type name if it has none."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def format_time(seconds):
     """12 -> '12s', 754 -> '12m 34s', 4000 -> '1h 06m 40s', 100000 -> '1d 03h 46m' (the reference tick format)."""
     s = int(round(seconds))

@@ -23,7 +23,7 @@ import zipfile
 
 import torch
 
-from dnnlib.util import atomic_write
+from dnnlib.util import atomic_write, error_summary
 
 FORMAT = 'pfgmpp-training-state'
 VERSION = 1
@@ -83,8 +83,7 @@ def load_training_state(path):
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f'{path}: not a readable training state ({first})') from None
+        raise CheckpointError(f'{path}: not a readable training state ({error_summary(err)})') from None
     return _validated(state, path)
 
 
@@ -107,7 +106,7 @@ def network_from_state(state, which='ema'):
         net = build_network(state['network_config'])
         net.load_state_dict(state[which], strict=True)
     except (ValueError, TypeError, RuntimeError, KeyError) as err:
-        raise CheckpointError(f'network in training state does not load: {str(err).splitlines()[0]}') from None
+        raise CheckpointError(f'network in training state does not load: {error_summary(err)}') from None
     return net.eval().requires_grad_(False)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import tqdm
 
-from dnnlib.util import atomic_write
+from dnnlib.util import atomic_write, error_summary
 from torch_utils import distributed as dist
 from training.dataset import ImageFolderDataset
 
@@ -170,7 +170,7 @@ def _load_detector_file(path, device):
         return InceptionDetector(network.to(device).eval(), resizes_itself=True, source=path)
     except (RuntimeError, pickle.UnpicklingError, EOFError, AttributeError, ModuleNotFoundError) as error:
         raise ValueError(f'{path} is not an Inception detector ({type(error).__name__}: '
-                         f'{str(error).splitlines()[0] if str(error) else ""}); {INSTALL_HINT}') from None
+                         f'{error_summary(error)}); {INSTALL_HINT}') from None
 
 # ------------------------------------------------------------------------------------------------- statistics
 

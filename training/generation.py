@@ -30,7 +30,7 @@ import PIL.Image
 import torch
 import tqdm
 
-from dnnlib.util import atomic_write, parse_int_list
+from dnnlib.util import atomic_write, error_summary, parse_int_list
 from torch_utils import distributed as dist
 from torch_utils import precision as precision_mod
 from training import sampler as sampling
@@ -383,7 +383,7 @@ def _load(path):
     try:
         return load_network(path)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err).splitlines()[0]) from None
+        raise click.ClickException(error_summary(err)) from None
 
 
 def run(opts, axis=None, values=(None,), quant_filter='layers'):

@@ -22,7 +22,7 @@ import zipfile
 import numpy as np
 import torch
 
-from dnnlib.util import EasyDict
+from dnnlib.util import EasyDict, error_summary
 from training.checkpoint import CheckpointError
 
 __all__ = ['LegacyObject', 'load_legacy_pickle', 'legacy_network_config', 'legacy_state_dict',
@@ -199,8 +199,7 @@ def load_legacy_pickle(path):
             return _RestrictedUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError,
             IndexError, RuntimeError, OSError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f'{path}: not a readable network file ({first})') from None
+        raise CheckpointError(f'{path}: not a readable network file ({error_summary(err)})') from None
 
 
 def _plain(value):
@@ -259,5 +258,5 @@ def load_legacy_network(path, key='ema'):
         net = build_network(legacy_network_config(record))
         net.load_state_dict(legacy_state_dict(record), strict=True)
     except (ValueError, TypeError, RuntimeError, KeyError) as err:
-        raise CheckpointError(f'{path}: network does not load ({str(err).splitlines()[0]})') from None
+        raise CheckpointError(f'{path}: network does not load ({error_summary(err)})') from None
     return net.eval().requires_grad_(False)
