@@ -215,8 +215,9 @@ def _random_seed(device):
 # Performance-related.
 @click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False,
               show_default=True)
-@click.option('--precision', help=f'Arithmetic: fp32 (TF32 off, the reference), tf32, bf16 (autocast) or fp16 '
-                                  f'(= --fp16=1)  [default: {precision.DEFAULT_HELP["train"]}]',
+@click.option('--precision', help=f'Arithmetic: fp32 (TF32 off, the reference), tf32, bf16 (autocast), fp16 '
+                                  f'(= --fp16=1) or bf16-native (bfloat16 activations, no autocast)  '
+                                  f'[default: {precision.DEFAULT_HELP["train"]}]',
               type=click.Choice(precision.PRECISIONS))
 @click.option('--compile', help='torch.compile the network (first steps are slower)', metavar='BOOL', type=bool,
               default=False, show_default=True)

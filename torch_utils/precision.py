@@ -6,6 +6,11 @@
            ODE state stay float32/float64.
     fp16   the reference's --fp16: the network itself computes in float16 on CUDA (use_fp16=True), with loss
            scaling (--ls) to keep gradients in range. TF32 stays off, as in the reference.
+    bf16-native
+           fp16's path with bfloat16: the U-Net's activations are bfloat16 end to end (no autocast, so no float32
+           round trips around normalisations and residual additions), weights float32 and cast per layer, no
+           loss scaling needed (bfloat16 has float32's exponent range). Coarser than bf16 autocast: the residual
+           stream is rounded to 8 significant bits at every block.
 
 `NetworkCall` is how a loss or a sampler calls the network under a mode: autocast around the network call only
 (never around AugmentPipe's resampling matrices or the PFGM++ noise), optionally through torch.compile.
@@ -15,7 +20,7 @@ import contextlib
 
 import torch
 
-PRECISIONS = ('fp32', 'tf32', 'bf16', 'fp16')
+PRECISIONS = ('fp32', 'tf32', 'bf16', 'fp16', 'bf16-native')
 
 # Defaults of --precision, chosen from measurements on an H100 (docs/benchmarks.md). Training: bf16, 2.9× the
 # reference's fp32 speed with the loss within 0.15 % of fp32 (as close as tf32). Sampling: tf32, 3.0× with a
@@ -75,6 +80,12 @@ def compile_kwargs(compile):
     raise ValueError(f'compile must be a bool or a dict of torch.compile arguments, got {compile!r}')
 
 
+def activation_dtype(precision):
+    """The dtype a mode asks the network's activations to be in (None: the network decides, see
+    networks._Preconditioner.forward: float32, or float16 under use_fp16)."""
+    return torch.bfloat16 if check_precision(precision) == 'bf16-native' else None
+
+
 class NetworkCall:
     """Calls the network (or `callee`, the DDP wrapper around it) under a precision mode, optionally compiled.
 
@@ -93,14 +104,17 @@ class NetworkCall:
         # at once, e.g. the sampler's .to(float64) copy).
         self._mark_step = self.compiled and kwargs.get('mode') in ('reduce-overhead', 'max-autotune')
         self._call = torch.compile(self.callee, **kwargs) if self.compiled else self.callee
+        self._activation_dtype = activation_dtype(precision)
 
     def __call__(self, x, *args, **kwargs):
         if self._mark_step:
             torch.compiler.cudagraph_mark_step_begin()
+        if self._activation_dtype is not None:
+            kwargs = dict(kwargs, activation_dtype=self._activation_dtype)
         with autocast(self.precision, x.device):
             return self._call(x, *args, **kwargs)
 
     def __getattr__(self, name):
-        if name.startswith('__') or name in ('network', 'callee', '_call'):  # unset (copy/pickle): no recursion
+        if name.startswith('__') or name in ('network', 'callee', '_call', '_activation_dtype'):  # unset (copy/pickle): no recursion
             raise AttributeError(name)
         return getattr(self.network, name)

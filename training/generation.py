@@ -15,7 +15,7 @@ Seeds are sharded over torchrun ranks as the reference does; every image depends
 latents and noise are identical too, but cuDNN may pick kernels that round differently per batch shape (measured
 ≤ 1e-5 on an H100), which can flip a rare uint8 value.
 
-Speed: --precision (fp32/tf32/bf16/fp16), --compile and --channels-last change only how the network is called
+Speed: --precision, --compile, --channels-last and --bench change only how the network is called
 (`prepare_network`); the ODE state stays float64. Large --batch values use the GPU best (docs/benchmarks.md).
 """
 
@@ -187,19 +187,22 @@ def rank_batches(seeds, batch_size, rank, world_size):
     return [chunk.tolist() for chunk in chunks[rank::world_size] if len(chunk)]
 
 
-def prepare_network(net, precision=None, compile=False, channels_last=False):
+def prepare_network(net, precision=None, compile=False, channels_last=False, cudnn_benchmark=False):
     """The network as the samplers call it: a torch_utils.precision.NetworkCall under `precision`.
 
     precision None: fp16 for a network trained with --fp16 (its use_fp16, as the reference samples it), else
-    the measured default for sampling on the network's device (tf32 on CUDA, fp32 on the CPU). fp16 sets the network's use_fp16 (float16 on CUDA); the other modes clear it.
-    Sets the process-wide TF32 switches. The ODE state stays float64 (training/sampler.py): only the network
-    call changes. compile: torch.compile with static shapes (one compile per batch shape; σ is a tensor, so the
-    steps share it). channels_last: NHWC weights, same maths.
+    the measured default for sampling on the network's device (tf32 on CUDA, fp32 on the CPU). fp16 sets the
+    network's use_fp16 (float16 on CUDA); the other modes clear it. Sets the process-wide TF32 switches. The ODE
+    state stays float64 (training/sampler.py): only the network call changes. compile: torch.compile with static
+    shapes (one compile per batch shape; σ is a tensor, so the steps share it). channels_last: NHWC weights, same
+    maths. cudnn_benchmark: let cuDNN time its kernels per shape (faster; off by default, as in the reference,
+    because the kernels it picks may differ between runs and round differently).
     """
     if precision is None:
         device = next(net.parameters()).device
         precision = 'fp16' if getattr(net, 'use_fp16', False) else precision_mod.default_precision(device, 'sample')
     precision_mod.configure_backends(precision)
+    torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
     if hasattr(net, 'use_fp16'):
         net.use_fp16 = precision == 'fp16'
     if channels_last:
@@ -344,13 +347,17 @@ _COMMON_OPTIONS = [
     click.option('--schedule', type=click.Choice(['vp', 've', 'linear']), help='Ablate noise schedule sigma(t)'),
     click.option('--scaling', type=click.Choice(['vp', 'none']), help='Ablate signal scaling s(t)'),
     click.option('--precision', type=click.Choice(precision_mod.PRECISIONS), default=None,
-                 help=f'Arithmetic of the network call: fp32 (TF32 off, the reference), tf32, bf16 (autocast) or '
-                      f'fp16; the ODE state stays float64  [default: fp16 for a network trained with --fp16, '
+                 help=f'Arithmetic of the network call: fp32 (TF32 off, the reference), tf32, bf16 (autocast), '
+                      f'fp16 or bf16-native (bfloat16 activations, no autocast); the ODE state stays float64  '
+                      f'[default: fp16 for a network trained with --fp16, '
                       f'else {precision_mod.DEFAULT_HELP["sample"]}]'),
     click.option('--compile', type=bool, default=False, show_default=True, metavar='BOOL',
                  help='torch.compile the network (pays off for many batches; one compile per batch shape)'),
     click.option('--channels-last', 'channels_last', type=bool, default=False, show_default=True, metavar='BOOL',
                  help='Channels-last (NHWC) network memory layout; same maths'),
+    click.option('--bench', type=bool, default=False, show_default=True, metavar='BOOL',
+                 help='cuDNN autotuning (faster; the kernels it picks may differ between runs, flipping a rare '
+                      'uint8 value)'),
     click.option('--pfgmpp', type=bool, default=None,
                  help='Compatibility: must agree with the checkpoint (D comes from the checkpoint).'),
     click.option('--aug_dim', metavar='D', type=click.FloatRange(min=0, min_open=True), default=None,
@@ -433,7 +440,7 @@ def run(opts, axis=None, values=(None,), quant_filter='layers'):
         original = {name: p.detach().clone() for name, p in net.named_parameters()} if axis == 'quant' else None
         # Quantisation below rewrites the weights in place, so the compiled call keeps working on them.
         net_call = prepare_network(net, opts.get('precision'), opts.get('compile', False),
-                                   opts.get('channels_last', False))
+                                   opts.get('channels_last', False), opts.get('bench', False))
         for value in values:
             kwargs = aligned_sampler_kwargs(net, sampler_kwargs, opts['align'])
             noise_alpha = 0

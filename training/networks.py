@@ -522,7 +522,10 @@ class _Preconditioner(torch.nn.Module):
         """(c_skip, c_out, c_in, c_noise) for a float32 σ tensor; each has σ's shape."""
         raise NotImplementedError
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, activation_dtype=None, **model_kwargs):
+        """D(x; σ) in float32. The U-Net's activations are float16 when use_fp16 is set (CUDA only, as the
+        reference), `activation_dtype` when given (e.g. bfloat16: torch_utils.precision's 'bf16-native'), and
+        float32 under force_fp32 or otherwise. Weights stay float32 and are cast per layer."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
         if self.label_dim == 0:
@@ -531,8 +534,13 @@ class _Preconditioner(torch.nn.Module):
             class_labels = torch.zeros([1, self.label_dim], device=x.device)
         else:
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        # fp16 only where it pays off (CUDA); the weights stay float32 and are cast per layer.
-        dtype = torch.float16 if self.use_fp16 and not force_fp32 and x.device.type == 'cuda' else torch.float32
+        dtype = torch.float32
+        if activation_dtype is not None:
+            dtype = activation_dtype
+        elif self.use_fp16 and x.device.type == 'cuda':  # fp16 only where it pays off
+            dtype = torch.float16
+        if force_fp32:
+            dtype = torch.float32
         c_skip, c_out, c_in, c_noise = self.precondition(sigma)
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
         return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
