@@ -125,17 +125,18 @@ def test_resume_by_name_and_by_path_is_bit_identical(full_run, data_zip):
                       os.path.join(explicit, numbered, 'training-state-000002.pt'))
 
 
-def test_torchrun_two_cpu_processes(data_zip, tmp_path):
+@pytest.mark.parametrize('precision', ['fp32', 'bf16-native'])  # bf16-native: DDP passes its dtype argument on
+def test_torchrun_two_cpu_processes(precision, data_zip, tmp_path):
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     log = run_train([f'--outdir={tmp_path}', f'--data={data_zip}', '--name=ddp', '--duration=0.001',
-                     '--arch=ncsnpp'] + PFGMPP + TINY, launcher=launcher)
+                     '--arch=ncsnpp', f'--precision={precision}'] + PFGMPP + TINY, launcher=launcher)
     assert 'identical on all 2 processes' in log  # a collective check of every tensor against rank 0's
     state = checkpoint.load_training_state(str(tmp_path / 'ddp' / 'training-state-000001.pt'))
     assert len(state['extra']['rng_states']) == 2 and state['progress']['world_size'] == 2
     assert not torch.equal(state['extra']['rng_states'][0]['torch'], state['extra']['rng_states'][1]['torch'])
     assert state['network_config']['embedding_type'] == 'fourier'
     options = json.load(open(tmp_path / 'ddp' / 'training_options.json'))
-    assert options['batch_size'] == 32
+    assert options['batch_size'] == 32 and options['precision'] == precision
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
