@@ -34,10 +34,18 @@ import dnnlib  # noqa: E402
 from torch_utils import precision as precision_mod  # noqa: E402
 from training import generation, training_loop  # noqa: E402
 
-DEFAULT_MODES = 'ref,bf16+compile+channels_last,bf16+compile,bf16,fp16,tf32'  # most important first
-DEFAULT_PARITY_MODES = 'bf16,fp16,tf32,bf16+compile+channels_last'
+if __package__ in (None, ''):
+    import profile_summary  # noqa: E402  (run as a script: benchmarks/ is sys.path[0])
+else:
+    from benchmarks import profile_summary  # noqa: E402
+
+# Most important first. The measured best (bf16+compile+channels_last) and the candidates to beat it: bfloat16 or
+# float16 activations end to end (fp16's eager path is 31 % faster than bf16 autocast), and max-autotune.
+DEFAULT_MODES = ('ref,bf16+compile+channels_last,bf16-native+compile+channels_last,fp16+compile+channels_last,'
+                 'bf16,bf16-native,fp16,tf32,bf16+compile,bf16+compile+channels_last+autotune')
+DEFAULT_PARITY_MODES = 'bf16,bf16-native,fp16,tf32,bf16+compile+channels_last,bf16-native+compile+channels_last'
 MODE_FLAGS = {'compile': 'compile', 'channels_last': 'channels_last', 'cl': 'channels_last',
-              'cudagraphs': 'cudagraphs'}
+              'cudagraphs': 'cudagraphs', 'autotune': 'autotune'}
 D = 128.0  # PFGM++ augmentation dimension of the benchmarked configuration
 LR = 1e-3
 AUGMENT_P = 0.12  # train.py's --augment default
@@ -50,7 +58,10 @@ PARITY_SAMPLE_STEPS = 3  # samples are compared after a 3-step (5 NFE) run, chea
 
 
 class Mode:
-    """A benchmark mode: 'ref' (fp32, TF32 off, eager) or '<precision>[+compile][+channels_last][+cudagraphs]'."""
+    """A benchmark mode: 'ref' (fp32, TF32 off, eager) or
+    '<precision>[+compile][+channels_last][+cudagraphs][+autotune]'. cudagraphs and autotune imply compile:
+    torch.compile modes 'reduce-overhead' (CUDA graphs), 'max-autotune-no-cudagraphs' (kernel choice by timing,
+    including Triton convolution/matmul templates) or, with both, 'max-autotune'."""
 
     def __init__(self, name):
         parts = name.strip().split('+')
@@ -58,21 +69,23 @@ class Mode:
         self.precision = 'fp32' if parts[0] == 'ref' else parts[0]
         if self.precision not in precision_mod.PRECISIONS or (parts[0] == 'ref' and len(parts) > 1):
             raise click.BadParameter(f'{name!r}: a mode is ref or <{"|".join(precision_mod.PRECISIONS)}>'
-                                     f'[+compile][+channels_last][+cudagraphs]')
+                                     f'[+compile][+channels_last][+cudagraphs][+autotune]')
         unknown = [p for p in parts[1:] if p not in MODE_FLAGS]
         if unknown:
             raise click.BadParameter(f'{name!r}: unknown flag {unknown[0]!r} (use {", ".join(MODE_FLAGS)})')
         flags = {MODE_FLAGS[p] for p in parts[1:]}
         self.channels_last = 'channels_last' in flags
         self.cudagraphs = 'cudagraphs' in flags
-        self.compile = 'compile' in flags or self.cudagraphs
+        self.autotune = 'autotune' in flags
+        self.compile = 'compile' in flags or self.cudagraphs or self.autotune
 
     def compile_arg(self, backend):
         if not self.compile:
             return False
         kwargs = {} if backend == 'inductor' else dict(backend=backend)
-        if self.cudagraphs:
-            kwargs['mode'] = 'reduce-overhead'
+        if self.cudagraphs or self.autotune:
+            kwargs['mode'] = {(True, False): 'reduce-overhead', (False, True): 'max-autotune-no-cudagraphs',
+                              (True, True): 'max-autotune'}[(self.cudagraphs, self.autotune)]
         return kwargs or True
 
     @property
@@ -209,10 +222,13 @@ def measure_training(arch, mode, s):
     elapsed = time.perf_counter() - start
     step_time = elapsed / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
+    values = dict(train_img_s=steps * s.batch_train / elapsed, peak_gib=peak, train_steps=steps,
+                  compile_s=max(warmup - (s.warmup_steps + 1) * step_time, 0.0))
+    if s.profile:
+        values['train_profile'] = profile_summary.profile(run.step, device, repeats=s.profile_repeats)
     del run
     release(device)
-    return dict(train_img_s=steps * s.batch_train / elapsed, peak_gib=peak, train_steps=steps,
-                compile_s=max(warmup - (s.warmup_steps + 1) * step_time, 0.0))
+    return values
 
 
 def training_trajectory(arch, mode, s, steps):
@@ -247,8 +263,9 @@ def measure_sampling(arch, mode, s):
     prepare_mode(mode, device)
     net = build_network(arch, s, dropout=0).eval().requires_grad_(False)
     make_nontrivial(net)
+    # cuDNN autotuning as in training: what generate.py runs with --bench=1.
     net_call = generation.prepare_network(net.to(device), mode.precision, compile=mode.compile_arg(s.compile_backend),
-                                          channels_last=mode.channels_last)
+                                          channels_last=mode.channels_last, cudnn_benchmark=True)
     seeds = list(range(s.batch_sample))
 
     def run(steps):
@@ -268,10 +285,13 @@ def measure_sampling(arch, mode, s):
     elapsed = time.perf_counter() - start
     per_nfe = elapsed / measured_nfe
     parity = images if steps == PARITY_SAMPLE_STEPS else run(PARITY_SAMPLE_STEPS)
+    values = dict(sample_img_s=s.batch_sample / (per_nfe * s.nfe), measured_nfe=measured_nfe,
+                  sample_compile_s=max(warmup - 3 * per_nfe, 0.0))
+    if s.profile:  # a 2-step (3 NFE) batch, reported per network evaluation
+        values['sample_profile'] = profile_summary.profile(lambda: run(2), device, repeats=1, units_per_call=3)
     del net, net_call, images
     release(device)
-    return dict(sample_img_s=s.batch_sample / (per_nfe * s.nfe), measured_nfe=measured_nfe,
-                sample_compile_s=max(warmup - 3 * per_nfe, 0.0)), parity.cpu()
+    return values, parity.cpu()
 
 
 def compare_samples(images, reference):
@@ -344,6 +364,11 @@ class Results:
                 lines.append(f'| {arch} | {mode} | – | – | – | – | – | '
                              f'{_fmt(row["sample_max_abs_diff"], "e")} | '
                              f'{_fmt(row["sample_rel_rms_diff"], "e")} | samples only |')
+        profiles = [(row['arch'], row['mode'], kind, row[f'{kind}_profile']) for row in self.rows.values()
+                    for kind in ('train', 'sample') if f'{kind}_profile' in row]
+        if profiles:
+            lines += ['', '## Where the device time goes (--profile)', '', m['profile_note'], '',
+                      profile_summary.markdown(profiles)]
         return '\n'.join(lines) + '\n'
 
     def write(self):
@@ -366,6 +391,14 @@ def _fmt(value, digits):
     if digits == 'e':
         return f'{value:.1e}'
     return f'{value:,.{digits}f}'
+
+
+def _profile_text(summary):
+    if summary is None:
+        return ''
+    shares = sorted(summary['categories'].items(), key=lambda item: -item[1])[:3]
+    return (f'  [busy {summary["busy"]:.2f}, ' + ', '.join(f'{name} {100 * ms / max(summary["device_ms"], 1e-9):.0f} %'
+                                                        for name, ms in shares) + ']')
 
 
 def _one_line(err):
@@ -416,11 +449,15 @@ def job_order(archs, modes, parity_modes, ref):
 @click.option('--compile-backend', default=None, help='torch.compile backend  [default: inductor; eager with '
                                                       '--quick on the CPU]')
 @click.option('--device', default=None, help='[default: cuda if available, else cpu]')
+@click.option('--profile', is_flag=True, help='After each timing, profile the same step (and a 3-NFE sampling '
+                                               'batch) and report where the device time goes')
+@click.option('--profile-steps', 'profile_repeats', type=click.IntRange(min=1), default=3, show_default=True,
+              help='Training steps profiled per mode')
 @click.option('--quick', is_flag=True, help='Tiny network, 8×8 images, small batches, few steps (CI smoke test)')
 @click.option('--out', default=None, metavar='PATH', help='Write PATH.md and PATH.json (rewritten after every '
                                                          'measurement)')
 def main(archs, modes, batch_train, batch_sample, nfe, slow_sample_steps, parity_steps, parity_modes, warmup_steps,
-         seconds, time_budget, compile_backend, device, quick, out):
+         seconds, time_budget, compile_backend, device, profile, profile_repeats, quick, out):
     """Measure training and sampling throughput per mode and compare each fast mode's loss and samples with fp32."""
     archs = [a.strip() for a in archs.split(',') if a.strip()]
     for arch in archs:
@@ -443,7 +480,7 @@ def main(archs, modes, batch_train, batch_sample, nfe, slow_sample_steps, parity
     s = dnnlib.EasyDict(device=device, quick=quick, resolution=8 if quick else 32, batch_train=batch_train,
                         batch_sample=batch_sample, nfe=nfe, slow_sample_steps=slow_sample_steps,
                         warmup_steps=warmup_steps, seconds=seconds, min_steps=2 if quick else 5, max_steps=200,
-                        compile_backend=compile_backend)
+                        compile_backend=compile_backend, profile=profile, profile_repeats=profile_repeats)
 
     if device.type == 'cuda':
         device_name = torch.cuda.get_device_name(device)
@@ -460,7 +497,13 @@ def main(archs, modes, batch_train, batch_sample, nfe, slow_sample_steps, parity
                f'{warmup_steps} + 1 warm-up steps then ≥ {s.seconds:g} s timed. Sampling: generate_batch (per-seed '
                f'prior, edm_sampler, float64 ODE), batch {batch_sample}, {nfe} NFE; fp32/tf32 eager rows time '
                f'{2 * min(slow_sample_steps, (nfe + 1) // 2) - 1} NFE and scale per NFE (measured_nfe). '
-               f'compile s: warm-up time beyond the steady step time. torch.compile backend: {compile_backend}.'),
+               f'compile s: warm-up time beyond the steady step time. torch.compile backend: {compile_backend}. '
+               f'Sampling runs with cuDNN autotuning (generate.py --bench=1).'),
+        profile_note=(f'torch.profiler over {profile_repeats} training steps and one 3-NFE sampling batch per mode, '
+                      f'after the timing (compiled and autotuned). device ms: the {"GPU kernels" if device.type == "cuda" else "operators"}\' '
+                      f'own time per step / NFE; busy: device ms / wall ms (well below 1: the device waits for the '
+                      f'host); launches: kernels per step / NFE; then each category\'s share of the device time. '
+                      f'Wall times include the profiler\'s overhead.'),
         parity_note=(f'Training: {parity_steps} optimizer steps per mode from the same initial weights, data and '
                      f'random stream, dropout off (so eager and compiled modes draw the same numbers); relative '
                      f'differences of each step\'s mean loss, of the final parameters (param) and of the parameter '
@@ -479,7 +522,7 @@ def main(archs, modes, batch_train, batch_sample, nfe, slow_sample_steps, parity
     trajectories = {}
     durations = {}  # (kind, compiled) -> seconds of the last such job, to foresee a compile that cannot finish
     for kind, arch, mode in jobs:
-        label = f'{kind:<6s} {arch:<7s} {mode.name:<28s}'
+        label = f'{kind:<6s} {arch:<7s} {mode.name:<38s}'
         left = time_budget - (time.perf_counter() - meta['_start'])
         # A compile that cannot finish in time is not started (a parity run compiles like a training run).
         expected = durations.get(('sample' if kind == 'sample' else 'train', True), 0) if mode.compile else 0
@@ -498,7 +541,7 @@ def main(archs, modes, batch_train, batch_sample, nfe, slow_sample_steps, parity
                 values = measure_training(arch, mode, s)
                 results.update_row(arch, mode.name, train='ok', **values)
                 text = (f'{values["train_img_s"]:9.1f} img/s  peak {_fmt(values["peak_gib"], 2)} GiB  compile '
-                        f'{values["compile_s"]:.1f} s')
+                        f'{values["compile_s"]:.1f} s{_profile_text(values.get("train_profile"))}')
             elif kind == 'sample':
                 values, images = measure_sampling(arch, mode, s)
                 if mode is ref:
@@ -507,7 +550,8 @@ def main(archs, modes, batch_train, batch_sample, nfe, slow_sample_steps, parity
                     values.update(compare_samples(images, reference_samples[arch]))
                 results.update_row(arch, mode.name, sample='ok', **values)
                 text = (f'{values["sample_img_s"]:9.1f} img/s at {nfe} NFE (measured {values["measured_nfe"]})  '
-                        f'max |Δ| vs fp32 {_fmt(values.get("sample_max_abs_diff"), "e")}')
+                        f'max |Δ| vs fp32 {_fmt(values.get("sample_max_abs_diff"), "e")}'
+                        f'{_profile_text(values.get("sample_profile"))}')
             elif mode is not ref and arch not in trajectories:
                 results.update_parity(mode.name, status='skipped (no fp32 reference run)')
                 text = 'skipped (no fp32 reference run)'

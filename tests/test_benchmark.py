@@ -1,21 +1,54 @@
-"""benchmarks/throughput.py --quick runs on the CPU and writes its table (Markdown + JSON) with every row."""
+"""benchmarks/throughput.py --quick runs on the CPU and writes its table (Markdown + JSON) with every row, and
+its profile summary adds up."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
+from benchmarks import profile_summary
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ['ref', 'bf16+compile+channels_last', 'bf16+compile', 'bf16', 'fp16', 'tf32']
-PARITY_MODES = ['fp32 repeat', 'bf16', 'fp16', 'tf32', 'bf16+compile+channels_last']
+MODES = ['ref', 'bf16+compile+channels_last', 'bf16-native+compile+channels_last', 'fp16+compile+channels_last',
+         'bf16', 'bf16-native', 'fp16', 'tf32', 'bf16+compile', 'bf16+compile+channels_last+autotune']
+PARITY_MODES = ['fp32 repeat', 'bf16', 'bf16-native', 'fp16', 'tf32', 'bf16+compile+channels_last',
+                'bf16-native+compile+channels_last']
+
+
+@pytest.mark.parametrize('name, category', [
+    ('sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64', 'conv/matmul'),
+    ('void cudnn::engines_precompiled::nchwToNhwcKernel<float>', 'conv/matmul'),  # cuDNN's own layout change
+    ('aten::mkldnn_convolution', 'conv/matmul'), ('aten::addmm', 'conv/matmul'), ('aten::mm', 'conv/matmul'),
+    ('pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>', 'attention'),
+    ('triton_red_fused_native_group_norm_silu_0', 'normalisation'), ('aten::native_group_norm', 'normalisation'),
+    ('void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>', 'optimizer/EMA'),
+    ('Memcpy HtoD (Pageable -> Device)', 'copy/layout'), ('aten::cat', 'copy/layout'),
+    ('void at::native::(anonymous namespace)::distribution_elementwise_grid_stride_kernel<normal>', 'random'),
+    ('triton_poi_fused_add_mul_silu_3', 'element-wise'), ('aten::summary', 'element-wise'),
+    ('aten::commit', 'element-wise')])
+def test_kernel_categories(name, category):
+    assert profile_summary.categorise(name) == category
+
+
+def test_profile_summary_arithmetic():
+    events = [('aten::convolution_backward', 3000.0, 6), ('triton_poi_fused_add_1', 1000.0, 30),
+              ('Memset (Device)', 2000.0, 2)]
+    summary = profile_summary.summarise(events, wall_s=0.012, units=2, top=2)
+    assert summary['wall_ms'] == 6 and summary['device_ms'] == 3 and summary['busy'] == 0.5
+    assert summary['launches'] == 19
+    assert summary['categories']['conv/matmul'] == 1.5 and summary['categories']['copy/layout'] == 1.0
+    assert sum(summary['categories'].values()) == summary['device_ms']
+    assert [k['name'] for k in summary['top']] == ['aten::convolution_backward', 'Memset (Device)']
 
 
 def test_quick_benchmark_writes_every_row(tmp_path):
     out = str(tmp_path / 'bench')
     env = dict(os.environ, OMP_NUM_THREADS='1')
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'throughput.py'), '--quick',
-                             f'--out={out}.md', '--device=cpu'], cwd=str(tmp_path), env=env, capture_output=True,
-                            text=True, timeout=600)
+                             f'--out={out}.md', '--device=cpu', '--profile'], cwd=str(tmp_path), env=env,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert 'FAILED' not in result.stdout, result.stdout
 
@@ -27,8 +60,14 @@ def test_quick_benchmark_writes_every_row(tmp_path):
         assert row['train_img_s'] > 0 and row['sample_img_s'] > 0 and row['measured_nfe'] == 5
         assert row['train_ratio'] > 0 and row['sample_ratio'] > 0
         assert row['sample_max_abs_diff'] >= 0
+        for kind in ('train', 'sample'):
+            summary = row[f'{kind}_profile']
+            assert summary['device_ms'] > 0 and 0 < summary['busy'] <= 1.5 and summary['launches'] > 0, summary
+            assert abs(sum(summary['categories'].values()) - summary['device_ms']) < 1e-6 * summary['device_ms']
+            assert summary['categories']['conv/matmul'] > 0 and summary['top']
     assert rows[('ddpmpp', 'ref')]['train_ratio'] == 1 and rows[('ddpmpp', 'ref')]['sample_max_abs_diff'] == 0
     assert rows[('ddpmpp', 'bf16')]['sample_max_abs_diff'] > 0  # bf16 really ran
+    assert rows[('ddpmpp', 'bf16-native')]['sample_max_abs_diff'] > 0
 
     parity = {row['mode']: row for row in report['parity']}
     assert list(parity) == PARITY_MODES
@@ -40,6 +79,7 @@ def test_quick_benchmark_writes_every_row(tmp_path):
 
     markdown = open(out + '.md').read()
     assert markdown.count('| ddpmpp |') >= len(MODES) and markdown.count('| ncsnpp |') >= len(MODES)
+    assert '## Where the device time goes (--profile)' in markdown and '| ddpmpp | ref | step |' in markdown
     assert report['meta']['torch'] == __import__('torch').__version__ and 'date' in report['meta']
     assert '| arch | mode | train img/s | × ref | peak GiB | compile s | sample img/s |' in result.stdout
 
