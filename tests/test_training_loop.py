@@ -1,12 +1,14 @@
 """The training loop's parts (stats, sampler, EMA, batching, RNG capture) and short in-process runs: exact resume,
 STF with and without augmentation, gradient accumulation."""
 
+import copy
 import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_helpers import make_image_zip
 from torch_utils import misc, training_stats
@@ -147,6 +149,56 @@ def test_optimizer_step_sanitises_gradients_and_sets_lr():
     assert optimizer.param_groups[0]['lr'] == 0.5
     torch.testing.assert_close(param.grad, torch.tensor([0, 1e5, -1e5]))
     torch.testing.assert_close(param.detach(), torch.tensor([0, -5e4, 5e4]))
+
+
+class HostReads(TorchDispatchMode):
+    """Records every operator that makes the host wait for the device: reading a value (.item(), bool(), float()
+    of a tensor) or data-dependent shapes (nonzero, boolean-mask indexing)."""
+
+    DATA_DEPENDENT = {'aten._local_scalar_dense', 'aten.nonzero', 'aten.masked_select', 'aten.unique',
+                      'aten._unique2', 'aten.equal', 'aten.is_nonzero'}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        indices = args[1] if name in ('aten.index', 'aten.index_put', 'aten.index_put_') and len(args) > 1 else ()
+        if name in self.DATA_DEPENDENT or any(torch.is_tensor(i) and i.dtype == torch.bool for i in indices or ()):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_read_detector_sees_reads():
+    values = torch.tensor([1.0, 2.0])
+    with HostReads() as detector:
+        values.sum().item(), bool(values[0] > 0), values[values > 1]
+    assert detector.reads == ['aten._local_scalar_dense', 'aten._local_scalar_dense', 'aten.index'], detector.reads
+
+
+@pytest.mark.parametrize('loss_kwargs', [dict(class_name='training.loss.EDMLoss', D=128.0),
+                                         dict(class_name='training.loss.EDMLoss', D=128.0, stf=True),
+                                         dict(class_name='training.loss.VPLoss', D=128.0),
+                                         dict(class_name='training.loss.VELoss', D=128.0)])
+def test_training_step_never_waits_for_the_device(loss_kwargs):
+    # The issue's "step free of host synchronisations": σ, the PFGM++ noise, augmentation, dropout, the loss
+    # statistics, fused Adam and the EMA run without a single value read back (fused Adam exists on the CPU too).
+    torch.manual_seed(0)
+    net = training_loop.build_network(_options('')['network_kwargs'], 8, 3, 0, 128.0).train().requires_grad_(True)
+    optimizer = training_loop.build_optimizer(_options('')['optimizer_kwargs'], net.parameters(), fused=True)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    loss_fn = training_loop.build_loss(loss_kwargs)
+    augment_pipe = training_loop.build_augment_pipe(training_loop.augment_preset(0.5))
+    images = torch.rand([8, 3, 8, 8]) * 2 - 1
+    batch = (images[:4], torch.zeros([4, 0]), images)  # STF: 4 trained on, all 8 as the reference set
+    for _ in range(2):  # the first step also creates Adam's state
+        with HostReads() as detector:
+            training_loop.training_step(net, net, net, optimizer, loss_fn, augment_pipe, lambda: batch, 2,
+                                        grad_scale=0.25, lr=1e-3, loss_scaling=2)
+            training_loop.update_ema(ema, net, 0.9)
+        assert detector.reads == []
+    assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
 # ------------------------------------------------------------------------------------------------ in-process runs
