@@ -214,6 +214,35 @@ def test_conv2d_resampling_closed_forms():
     assert ones.shape == (1, 1, 12, 12) and torch.allclose(ones[..., 2:-2, 2:-2], torch.ones(1, 1, 8, 8))
 
 
+@pytest.mark.parametrize('kernel, direction, fused', [(0, 'up', False), (0, 'down', False), (1, 'up', False),
+                                                     (3, 'down', False), (3, 'up', True), (3, 'down', True)])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_box_filter_resampling_equals_the_depthwise_convolutions(kernel, direction, fused, channels_last):
+    # [1, 1] resampling runs as average pooling / nearest upsampling; the grouped convolutions it replaces
+    # compute the same numbers (upsampling copies pixels, so bit for bit; pooling to float64 rounding).
+    torch.manual_seed(0)
+    conv = Conv2d(3, 4, kernel=kernel, up=direction == 'up', down=direction == 'down', fused_resample=fused,
+                  init_bias=1).double()
+    assert conv.box_filter and not Conv2d(3, 3, kernel=0, down=True, resample_filter=[1, 3, 3, 1]).box_filter
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64).to(memory_format=memory_format).requires_grad_(True)
+
+    def output_and_input_grad(box_filter):
+        conv.box_filter = box_filter
+        out = conv(x)
+        (grad,) = torch.autograd.grad(out.mul(torch.arange(out.numel()).reshape(out.shape).sin()).sum(), x)
+        return out, grad
+
+    shortcut, shortcut_grad = output_and_input_grad(True)
+    general, general_grad = output_and_input_grad(False)
+    assert shortcut.shape == general.shape == (2, 4 if kernel else 3, 16 if direction == 'up' else 4, 16 if
+                                               direction == 'up' else 4)
+    if direction == 'up' and kernel == 0:
+        assert torch.equal(shortcut, general)
+    torch.testing.assert_close(shortcut, general, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(shortcut_grad, general_grad, rtol=1e-12, atol=1e-12)
+
+
 def test_conv2d_with_weights_and_fused_down():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16)

@@ -85,6 +85,9 @@ class Conv2d(torch.nn.Module):
         taps = torch.as_tensor(list(resample_filter), dtype=torch.float32)
         kernel_2d = torch.outer(taps, taps).unsqueeze(0).unsqueeze(1) / taps.sum().square()
         self.register_buffer('resample_filter', kernel_2d if up or down else None)
+        # A two-tap box filter ([1, 1]: ddpmpp, adm) makes the depthwise resampling convolutions exactly 2×2
+        # average pooling and nearest-neighbour upsampling, which are cheaper and fuse under torch.compile.
+        self.box_filter = len(resample_filter) == 2 and float(resample_filter[0]) == float(resample_filter[1])
 
     def forward(self, x):
         w = self.weight.to(x.dtype) if self.weight is not None else None
@@ -94,24 +97,34 @@ class Conv2d(torch.nn.Module):
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
 
         if self.fused_resample and self.up and w is not None:
-            x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels,
-                                   stride=2, padding=max(f_pad - w_pad, 0))
+            x = self._upsample(x, f, padding=max(f_pad - w_pad, 0))
             x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and self.down and w is not None:
             x = F.conv2d(x, w, padding=w_pad + f_pad)
-            x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
+            x = self._downsample(x, f, padding=0)
         else:
-            if self.up:  # 4·filter keeps the mean: each output pixel receives a quarter of the taps
-                x = F.conv_transpose2d(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels,
-                                       stride=2, padding=f_pad)
+            if self.up:
+                x = self._upsample(x, f, padding=f_pad)
             if self.down:
-                x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2,
-                             padding=f_pad)
+                x = self._downsample(x, f, padding=f_pad)
             if w is not None:
                 x = F.conv2d(x, w, padding=w_pad)
         if b is not None:
             x = x + b.reshape(1, -1, 1, 1)
         return x
+
+    def _upsample(self, x, f, padding):
+        if self.box_filter:  # padding is 0 for two taps
+            return F.interpolate(x, scale_factor=2, mode='nearest')
+        # 4·filter keeps the mean: each output pixel receives a quarter of the taps.
+        channels = x.shape[1]
+        return F.conv_transpose2d(x, f.mul(4).tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=padding)
+
+    def _downsample(self, x, f, padding):
+        if self.box_filter:
+            return F.avg_pool2d(x, 2)
+        channels = x.shape[1]
+        return F.conv2d(x, f.tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=padding)
 
 
 class GroupNorm(torch.nn.Module):
