@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks import profile_summary
 
@@ -97,3 +98,31 @@ def test_time_budget_marks_the_rest_skipped(tmp_path):
         ('ref', 'skipped (time budget 0 s)', 'skipped (time budget 0 s)'),
         ('bf16', 'skipped (time budget 0 s)', 'skipped (time budget 0 s)')]
     assert [r['status'] for r in report['parity']] == ['skipped (time budget 0 s)'] * 2
+
+
+def test_written_bytes_counts_outputs_and_in_place_writes_but_not_views():
+    from benchmarks.activation_traffic import WrittenBytes
+    a, b = torch.ones(10), torch.ones(10, dtype=torch.float64)
+    with WrittenBytes() as counter:
+        a.view(2, 5).t()  # views: nothing written
+        a.add_(1)  # in place: 10 float32
+        c = a.to(torch.bfloat16) * 2  # a cast and a product: 2 × 10 bfloat16
+        b + 1  # 10 float64
+    assert dict(counter.bytes) == {'float32': 40, 'bfloat16': 40, 'float64': 80} and counter.operators == 4
+    assert c.dtype == torch.bfloat16
+
+
+def test_activation_traffic_quick(tmp_path):
+    out = str(tmp_path / 'traffic')
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'activation_traffic.py'), '--quick',
+                             f'--out={out}'], cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {(row['arch'], row['mode']): row for row in json.load(open(out + '.json'))['rows']}
+    assert list(rows) == [(arch, mode) for arch in ('ddpmpp', 'ncsnpp') for mode in ('fp32', 'bf16', 'bf16-native')]
+    for arch in ('ddpmpp', 'ncsnpp'):
+        fp32, bf16, native = (rows[(arch, mode)] for mode in ('fp32', 'bf16', 'bf16-native'))
+        # Native bfloat16 activations halve the per-image bytes; autocast adds casts on top of float32 traffic.
+        assert native['per_image_mib'] < 0.6 * fp32['per_image_mib'] < 0.6 * bf16['per_image_mib']
+        assert native['per_image_by_dtype_mib'].get('float32', 0) < 0.05 * native['per_image_mib']  # σ embedding
+        assert bf16['operators'] > fp32['operators'] > 0
+    assert '| ddpmpp | bf16-native |' in open(out + '.md').read() == result.stdout

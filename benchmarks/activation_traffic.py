@@ -1,0 +1,147 @@
+"""Bytes written and operators launched by one eager training step of the network, per precision mode.
+
+    python benchmarks/activation_traffic.py                 # ddpmpp + ncsnpp CIFAR-10 networks (~1 min, CPU)
+    python benchmarks/activation_traffic.py --quick         # tiny networks (tests/test_benchmark.py)
+
+Convolutions aside, a U-Net step is bound by memory traffic, so the bytes of every tensor the forward and
+backward passes write say how much time the non-matmul work costs on a GPU, independently of the card. The
+counts are exact and the same on any device (they follow the operators PyTorch dispatches), so this runs on the
+CPU. Two batch sizes separate the per-image part (activations) from the per-step part (weights, their casts
+and gradients). Eager mode only: torch.compile fuses part of this traffic away.
+"""
+
+import collections
+import json
+import os
+import sys
+
+import click
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import dnnlib  # noqa: E402
+from torch_utils import precision as precision_mod  # noqa: E402
+from training import training_loop  # noqa: E402
+
+
+class WrittenBytes(TorchDispatchMode):
+    """Sums, by dtype, the bytes every operator writes: its fresh outputs and the tensors it updates in place.
+    Views (outputs that share an input's storage without writing it) cost nothing and are not counted; the
+    operators that write something are counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = collections.Counter()
+        self.operators = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        in_place = any(r.alias_info is not None and r.alias_info.is_write for r in func._schema.returns)
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        written = [t for t in _tensors(out) if t.numel() and (in_place or t.untyped_storage().data_ptr() not in inputs)]
+        for tensor in written:
+            self.bytes[str(tensor.dtype).replace('torch.', '')] += tensor.numel() * tensor.element_size()
+        self.operators += bool(written)
+        return out
+
+
+def _tensors(tree):
+    if torch.is_tensor(tree):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _tensors(item)
+
+
+def network(arch, quick):
+    torch.manual_seed(0)
+    kwargs = dict(training_loop.ARCH_PRESETS[arch], class_name='training.networks.EDMPrecond', augment_dim=9,
+                  dropout=0.13)
+    if quick:
+        kwargs.update(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+    return training_loop.build_network(kwargs, 8 if quick else 32, 3, 0, 128.0).train().requires_grad_(True)
+
+
+def step_traffic(net, mode, batch):
+    """(bytes by dtype, operators) of one forward + backward of the network on `batch` images under `mode`."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], generator=generator)
+    sigma = torch.rand([batch], generator=generator) + 0.5
+    augment_labels = torch.zeros([batch, 9])
+    call = precision_mod.NetworkCall(net, mode)
+    net.zero_grad(set_to_none=True)
+    with WrittenBytes() as counter:
+        call(images, sigma, augment_labels=augment_labels).square().mean().backward()
+    net.zero_grad(set_to_none=True)
+    return counter.bytes, counter.operators
+
+
+def measure(arch, modes, batches, quick):
+    net = network(arch, quick)
+    small, large = batches
+    rows = []
+    for mode in modes:
+        (bytes_small, ops_small), (bytes_large, _) = (step_traffic(net, mode, b) for b in (small, large))
+        per_image = {k: (bytes_large[k] - bytes_small[k]) / (large - small) for k in bytes_large}
+        fixed = {k: bytes_small[k] - small * per_image[k] for k in bytes_small}
+        rows.append(dict(arch=arch, mode=mode, per_image_mib=sum(per_image.values()) / 2**20,
+                         per_image_by_dtype_mib={k: v / 2**20 for k, v in per_image.items() if v},
+                         per_step_fixed_mib=sum(fixed.values()) / 2**20, operators=ops_small))
+    return rows
+
+
+def markdown(rows, batch_train):
+    lines = [f'| arch | mode | MiB written per image | by dtype | × fp32 | per step at batch {batch_train}, GiB | '
+             'fixed MiB per step (weights) | operators per step |',
+             '|---|---|---:|---|---:|---:|---:|---:|']
+    fp32 = {row['arch']: row['per_image_mib'] for row in rows if row['mode'] == 'fp32'}
+    for row in rows:
+        by_dtype = ', '.join(f'{k} {v:.3g}' for k, v in sorted(row['per_image_by_dtype_mib'].items()))
+        ratio = f'{row["per_image_mib"] / fp32[row["arch"]]:.2f}' if row['arch'] in fp32 else '–'
+        step = (row['per_image_mib'] * batch_train + row['per_step_fixed_mib']) / 1024
+        lines.append(f'| {row["arch"]} | {row["mode"]} | {row["per_image_mib"]:.4g} | {by_dtype} | {ratio} | '
+                     f'{step:.3g} | {row["per_step_fixed_mib"]:.4g} | {row["operators"]} |')
+    return '\n'.join(lines) + '\n'
+
+
+@click.command()
+@click.option('--archs', default='ddpmpp,ncsnpp', show_default=True)
+@click.option('--modes', default='fp32,bf16,bf16-native', show_default=True,
+              help='Precision modes (fp16 and tf32 are fp32 on the CPU, so they are not counted here)')
+@click.option('--batch-train', type=click.IntRange(min=1), default=128, show_default=True,
+              help='Per-GPU batch for the per-step column')
+@click.option('--quick', is_flag=True, help='Tiny networks, 8×8 images')
+@click.option('--out', default=None, metavar='PATH', help='Also write PATH.md and PATH.json')
+def main(archs, modes, batch_train, quick, out):
+    """Count the bytes one eager forward + backward writes per image, per precision mode."""
+    modes = [m.strip() for m in modes.split(',') if m.strip()]
+    for mode in modes:
+        if mode not in ('fp32', 'bf16', 'bf16-native'):
+            raise click.BadParameter(f'{mode!r}: choose from fp32, bf16, bf16-native (on the CPU fp16 and tf32 '
+                                     f'compute in fp32)', param_hint='--modes')
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    rows = []
+    for arch in [a.strip() for a in archs.split(',') if a.strip()]:
+        if arch not in training_loop.ARCH_PRESETS:
+            raise click.BadParameter(f'{arch!r}: choose from {", ".join(training_loop.ARCH_PRESETS)}',
+                                     param_hint='--archs')
+        rows += measure(arch, modes, (2, 4), quick)
+    table = markdown(rows, batch_train)
+    print(table, end='')
+    if out:
+        out = os.path.splitext(out)[0] if os.path.splitext(out)[1] in ('.md', '.json') else out
+        with dnnlib.util.atomic_write(out + '.json', 'w') as f:
+            json.dump(dict(torch=torch.__version__, quick=quick, rows=rows), f, indent=2)
+        with dnnlib.util.atomic_write(out + '.md', 'w') as f:
+            f.write(table)
+
+
+if __name__ == '__main__':
+    main()
