@@ -115,14 +115,22 @@ def test_written_bytes_counts_outputs_and_in_place_writes_but_not_views():
 def test_activation_traffic_quick(tmp_path):
     out = str(tmp_path / 'traffic')
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'activation_traffic.py'), '--quick',
-                             f'--out={out}'], cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+                             f'--out={out}', '--compile=aot_eager'], cwd=str(tmp_path), capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = {(row['arch'], row['mode']): row for row in json.load(open(out + '.json'))['rows']}
-    assert list(rows) == [(arch, mode) for arch in ('ddpmpp', 'ncsnpp') for mode in ('fp32', 'bf16', 'bf16-native')]
+    rows = {(row['arch'], row['mode'], row['compiled']): row for row in json.load(open(out + '.json'))['rows']}
+    assert list(rows) == [(arch, mode, compiled) for arch in ('ddpmpp', 'ncsnpp') for compiled in (False, True)
+                          for mode in ('fp32', 'bf16', 'bf16-native')]
     for arch in ('ddpmpp', 'ncsnpp'):
-        fp32, bf16, native = (rows[(arch, mode)] for mode in ('fp32', 'bf16', 'bf16-native'))
+        fp32, bf16, native = (rows[(arch, mode, False)] for mode in ('fp32', 'bf16', 'bf16-native'))
         # Native bfloat16 activations halve the per-image bytes; autocast adds casts on top of float32 traffic.
         assert native['per_image_mib'] < 0.6 * fp32['per_image_mib'] < 0.6 * bf16['per_image_mib']
         assert native['per_image_by_dtype_mib'].get('float32', 0) < 0.05 * native['per_image_mib']  # σ embedding
         assert bf16['operators'] > fp32['operators'] > 0
-    assert '| ddpmpp | bf16-native |' in open(out + '.md').read() == result.stdout
+        assert native['saved_per_image_mib'] < bf16['saved_per_image_mib'] < fp32['saved_per_image_mib']
+        compiled = [rows[(arch, mode, True)] for mode in ('fp32', 'bf16', 'bf16-native')]
+        assert all('per_image_mib' not in row for row in compiled)  # compiled kernels are not counted one by one
+        assert 0 < compiled[2]['saved_per_image_mib'] < compiled[1]['saved_per_image_mib']
+    markdown = open(out + '.md').read()
+    assert '| ddpmpp | bf16-native |' in markdown and '| ddpmpp | bf16-native (compiled) | – |' in markdown
+    assert markdown == result.stdout
