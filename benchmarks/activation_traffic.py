@@ -1,4 +1,4 @@
-"""Bytes written and operators launched by one eager training step of the network, per precision mode.
+"""Bytes one training step of the network writes and keeps for its backward pass, per precision mode.
 
     python benchmarks/activation_traffic.py                 # ddpmpp + ncsnpp CIFAR-10 networks (~1 min, CPU)
     python benchmarks/activation_traffic.py --quick         # tiny networks (tests/test_benchmark.py)
@@ -52,14 +52,7 @@ class WrittenBytes(TorchDispatchMode):
 
 
 def _tensors(tree):
-    if torch.is_tensor(tree):
-        yield tree
-    elif isinstance(tree, (list, tuple)):
-        for item in tree:
-            yield from _tensors(item)
-    elif isinstance(tree, dict):
-        for item in tree.values():
-            yield from _tensors(item)
+    return [leaf for leaf in torch.utils._pytree.tree_leaves(tree) if torch.is_tensor(leaf)]
 
 
 def network(arch, quick):
