@@ -26,6 +26,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import dnnlib  # noqa: E402
+from benchmarks import throughput  # noqa: E402
 from torch_utils import precision as precision_mod  # noqa: E402
 from training import training_loop  # noqa: E402
 
@@ -56,12 +57,9 @@ def _tensors(tree):
 
 
 def network(arch, quick):
-    torch.manual_seed(0)
-    kwargs = dict(training_loop.ARCH_PRESETS[arch], class_name='training.networks.EDMPrecond', augment_dim=9,
-                  dropout=0.13)
-    if quick:
-        kwargs.update(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
-    return training_loop.build_network(kwargs, 8 if quick else 32, 3, 0, 128.0).train().requires_grad_(True)
+    """The network benchmarks/throughput.py measures (same configuration, same initial weights)."""
+    s = dnnlib.EasyDict(quick=quick, resolution=8 if quick else 32)
+    return throughput.build_network(arch, s, throughput.DROPOUT).train().requires_grad_(True)
 
 
 def step_traffic(net, mode, batch, compile=False):

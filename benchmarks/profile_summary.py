@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from torch_utils import misc
+
 # (category, pattern) against the lower-cased kernel or operator name; the first match wins.
 CATEGORIES = (
     ('attention', r'flash|fmha|attention|sdpa|softmax'),
@@ -37,11 +39,6 @@ def categorise(name):
         if pattern.search(lowered):
             return category
     return CATEGORY_NAMES[-1]
-
-
-def _synchronize(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def _device_events(averages, device):
@@ -82,14 +79,20 @@ def profile(fn, device, repeats=2, units_per_call=1):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == 'cuda':
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    _synchronize(device)
+    misc.synchronize(device)
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
-        _synchronize(device)
+        misc.synchronize(device)
         wall = time.perf_counter() - start
     return summarise(_device_events(prof.key_averages(), device), wall, repeats * units_per_call)
+
+
+def category_shares(summary):
+    """{category: % of the device time}."""
+    total = summary['device_ms']
+    return {name: 100 * ms / total if total else 0.0 for name, ms in summary['categories'].items()}
 
 
 def markdown(rows):
@@ -100,7 +103,7 @@ def markdown(rows):
              + ' | '.join(f'{short[c]} %' for c in CATEGORY_NAMES) + ' |',
              '|---|---|---|---:|---:|---:|---:|' + '---:|' * len(CATEGORY_NAMES)]
     for arch, mode, kind, s in rows:
-        shares = [100 * s['categories'][c] / s['device_ms'] if s['device_ms'] else 0 for c in CATEGORY_NAMES]
+        shares = [category_shares(s)[c] for c in CATEGORY_NAMES]
         lines.append(f'| {arch} | {mode} | {"step" if kind == "train" else "NFE"} | {s["wall_ms"]:.2f} | '
                      f'{s["device_ms"]:.2f} | {s["busy"]:.2f} | {s["launches"]:.0f} | '
                      + ' | '.join(f'{share:.0f}' for share in shares) + ' |')

@@ -31,13 +31,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import dnnlib  # noqa: E402
+from benchmarks import profile_summary  # noqa: E402
+from torch_utils import misc  # noqa: E402
 from torch_utils import precision as precision_mod  # noqa: E402
 from training import generation, training_loop  # noqa: E402
-
-if __package__ in (None, ''):
-    import profile_summary  # noqa: E402  (run as a script: benchmarks/ is sys.path[0])
-else:
-    from benchmarks import profile_summary  # noqa: E402
 
 # Most important first. The measured best (bf16+compile+channels_last) and the candidates to beat it: bfloat16 or
 # float16 activations end to end (fp16's eager path is 31 % faster than bf16 autocast), and max-autotune.
@@ -131,11 +128,6 @@ def make_nontrivial(net):
             param.copy_(torch.randn_like(param) / math.sqrt(param[0].numel()))
 
 
-def synchronize(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
 def release(device):
     gc.collect()
     if device.type == 'cuda':
@@ -201,24 +193,24 @@ class TrainingRun:
 def measure_training(arch, mode, s):
     device = s.device
     run = TrainingRun(arch, mode, s)
-    synchronize(device)
+    misc.synchronize(device)
     start = time.perf_counter()
     for _ in range(s.warmup_steps):
         run.step()
-    synchronize(device)
+    misc.synchronize(device)
     probe_start = time.perf_counter()
     run.step()  # one steady step sizes the timed run
-    synchronize(device)
+    misc.synchronize(device)
     probe = time.perf_counter() - probe_start
     warmup = time.perf_counter() - start
     steps = max(s.min_steps, min(s.max_steps, math.ceil(s.seconds / max(probe, 1e-6))))
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    synchronize(device)
+    misc.synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         run.step()
-    synchronize(device)
+    misc.synchronize(device)
     elapsed = time.perf_counter() - start
     step_time = elapsed / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
@@ -270,7 +262,7 @@ def measure_sampling(arch, mode, s):
 
     def run(steps):
         images = generation.generate_batch(net_call, seeds, dict(num_steps=steps))
-        synchronize(device)
+        misc.synchronize(device)
         return images
 
     start = time.perf_counter()
@@ -396,9 +388,8 @@ def _fmt(value, digits):
 def _profile_text(summary):
     if summary is None:
         return ''
-    shares = sorted(summary['categories'].items(), key=lambda item: -item[1])[:3]
-    return (f'  [busy {summary["busy"]:.2f}, ' + ', '.join(f'{name} {100 * ms / max(summary["device_ms"], 1e-9):.0f} %'
-                                                        for name, ms in shares) + ']')
+    shares = sorted(profile_summary.category_shares(summary).items(), key=lambda item: -item[1])[:3]
+    return f'  [busy {summary["busy"]:.2f}, ' + ', '.join(f'{name} {share:.0f} %' for name, share in shares) + ']'
 
 
 def _one_line(err):

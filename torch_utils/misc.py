@@ -52,6 +52,12 @@ class InfiniteSampler(torch.utils.data.Sampler):
             position += self.num_replicas
 
 
+def synchronize(device):
+    """Wait for the device's queued work (a no-op on the CPU, where work is synchronous): for timing."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def copy_params_and_buffers(src_module, dst_module, require_all=False):
     """Copy parameters and buffers by name from src to dst (in place). Shapes must match; names missing in src

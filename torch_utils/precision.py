@@ -115,6 +115,7 @@ class NetworkCall:
             return self._call(x, *args, **kwargs)
 
     def __getattr__(self, name):
-        if name.startswith('__') or name in ('network', 'callee', '_call', '_activation_dtype'):  # unset (copy/pickle): no recursion
+        # Unset attributes (during copy/pickle) must not recurse into self.network.
+        if name.startswith('__') or name in ('network', 'callee', '_call', '_activation_dtype'):
             raise AttributeError(name)
         return getattr(self.network, name)

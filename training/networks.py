@@ -547,12 +547,13 @@ class _Preconditioner(torch.nn.Module):
             class_labels = torch.zeros([1, self.label_dim], device=x.device)
         else:
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = torch.float32
-        if activation_dtype is not None:
+        if force_fp32:
+            dtype = torch.float32
+        elif activation_dtype is not None:
             dtype = activation_dtype
         elif self.use_fp16 and x.device.type == 'cuda':  # fp16 only where it pays off
             dtype = torch.float16
-        if force_fp32:
+        else:
             dtype = torch.float32
         c_skip, c_out, c_in, c_noise = self.precondition(sigma)
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
