@@ -5,6 +5,7 @@ import json
 import os
 
 from dnnlib.util import atomic_write
+from training.pfgmpp import norm_spread
 
 AXES = {  # axis: (title, x label)
     'alpha': ('Noise injection α (added before every step)', 'α'),
@@ -12,6 +13,17 @@ AXES = {  # axis: (title, x label)
     'quant': ('Weight quantization (per-tensor min/max, conv/linear/attention weights)', 'bits'),
 }
 FULL_PRECISION_BITS = 32   # where the unquantized baseline sits on the bits axis
+PAPER_N = 3072             # CIFAR-10, where the paper's D = 64, 128, 2048 live
+D_CHOICE = (
+    'The paper compares D = 64, 128, 2048 and EDM at N = 3072. Two rules carry a D to a smaller N (paper-facts '
+    '§1.3): keep D/N, or keep the spread of the noisy samples\' norms (relative standard deviation of ‖x − y‖², '
+    '√(2(N + D − 2)/(N(D − 4))), `training.pfgmpp.norm_spread`). At N = 256 they disagree: the same D/N gives '
+    'D ≈ 5, 11, 171; the same spread gives D ≈ 81 and 226 for the paper\'s 64 and 128, and no D at all for 2048, '
+    'because at N = 256 even Gaussian noise spreads more (0.088) than the paper\'s D = 2048 does (0.040). The '
+    'models span both rules (table): D = 8 is the paper\'s D ≈ 96 by D/N and as heavy-tailed as the paper\'s D = 8 '
+    'by spread; D = 128 is the paper\'s D ≈ 89 by spread (between its 64 and 128; also the demo\'s D); D = 2048 is '
+    'within 6 % of the Gaussian spread at this N. By the spread rule the whole range from D = 2048 to EDM at N = 256 '
+    'is as narrow as the paper\'s D ≈ 250 to 283, so only D = 8 and D = 128 differ from EDM by much.')
 
 
 class Results:
@@ -178,6 +190,27 @@ def table(results, axis):
     return '\n'.join(lines)
 
 
+def d_with_spread(N, spread):
+    """The D whose norm_spread(N, D) is `spread` (inverse of the closed form); None when no finite D has it, i.e.
+    when spread is at or under the Gaussian's √(2/N)."""
+    excess = N * spread ** 2 - 2
+    return None if excess <= 1e-12 * N * spread ** 2 else (2 * N - 4 + 4 * N * spread ** 2) / excess
+
+
+def d_choice_table(recipe):
+    """How each D maps onto the paper's CIFAR-10 models by the two transfer rules of paper-facts §1.3."""
+    N = recipe.resolution ** 2
+    lines = [f'| model | D/N | spread of ‖x − y‖² at N = {N} | paper\'s D with the same D/N | '
+             f'paper\'s D with the same spread |', '|---|---:|---:|---:|---:|']
+    for label, D in recipe.models:
+        spread = norm_spread(N, D)
+        same_spread = d_with_spread(PAPER_N, spread)
+        lines.append(f'| {label} | {"∞" if D is None else f"{D / N:.3g}"} | {spread:.3f} | '
+                     f'{"∞" if D is None else f"{D * PAPER_N / N:,.0f}"} | '
+                     f'{"≈ ∞ (Gaussian)" if same_spread is None else f"{same_spread:,.0f}"} |')
+    return '\n'.join(lines)
+
+
 def recipe_text(reproduction):
     r = reproduction.recipe
     models = ', '.join(f'{label} (`--pfgmpp=0`)' if D is None else f'{label} (`--pfgmpp=1 --aug_dim={D}`)'
@@ -212,7 +245,8 @@ def write_report(reproduction, report_path, quick=False):
              '> Written by `python scripts/reproduce.py' + (' --quick' if quick else '') + '` (`make reproduce`). '
              'Every number below is measured by that run; re-running the command rewrites this file.'
              + (' **Quick mode: tiny sizes that check the pipeline; the numbers mean nothing.**' if quick else ''),
-             '', '## Recipe', '', recipe_text(reproduction), '',
+             '', '## Recipe', '', recipe_text(reproduction), '', '### Which D', '', D_CHOICE, '',
+             d_choice_table(reproduction.recipe), '',
              f'Compute: {hours:.2f} h of work in total (sum of the jobs\' wall times, over all resumptions).', '',
              '## Training', '', f'![loss curves]({rel(loss_plot)})', '',
              f'Baseline FID (Heun, 35 NFE, α = 0): {baselines}.', '']

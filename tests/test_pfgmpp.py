@@ -239,3 +239,22 @@ def test_posterior_weights_approach_gaussian_for_large_D():
     gaussian = pfgmpp.posterior_mean(noisy, references, sigma, None)
     errors = [(pfgmpp.posterior_mean(noisy, references, sigma, D) - gaussian).abs().max().item() for D in (1e2, 1e4, 1e6)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5
+
+
+@pytest.mark.parametrize('D', [16.0, None])
+def test_norm_spread_matches_the_sampled_kernel(D):
+    # Catches a wrong moment formula (e.g. D - 2 for D - 4 would give 0.417 instead of 0.451 at N=64, D=16).
+    N, rows = 64, 200_000
+    generator = torch.Generator().manual_seed(0)
+    noise = pfgmpp.sample_noise([rows, N], sigma=torch.full([rows], 2.0), D=D, generator=generator,
+                                dtype=torch.float64)
+    squared = noise.square().sum(dim=1)
+    measured = (squared.std() / squared.mean()).item()
+    assert measured == pytest.approx(pfgmpp.norm_spread(N, D), rel=0.03)
+
+
+def test_norm_spread_closed_forms():
+    # The paper's CIFAR-10 table (paper-facts §1.3): 0.184, 0.130, 0.040 for D = 64, 128, 2048 at N = 3072.
+    assert [round(pfgmpp.norm_spread(3072, D), 3) for D in (64, 128, 2048)] == [0.184, 0.130, 0.040]
+    assert pfgmpp.norm_spread(3072, None) == pytest.approx(math.sqrt(2 / 3072))
+    assert pfgmpp.norm_spread(256, 4) == math.inf

@@ -92,3 +92,11 @@ def test_quick_reproduction_end_to_end_and_resume(tmp_path):
     assert _commands_run(out) == commands                                  # nothing trained, sampled or scored
     assert json.load(open(out / 'scores.json')) == scores
     assert report.read_text() == text
+
+
+def test_d_with_spread_inverts_norm_spread():
+    # Catches an algebra slip in the inverse used for the report's "paper's D with the same spread" column.
+    from training.pfgmpp import norm_spread
+    for D in (6.0, 64.0, 128.0, 2048.0):
+        assert reproduce_report.d_with_spread(3072, norm_spread(3072, D)) == pytest.approx(D, rel=1e-9)
+    assert reproduce_report.d_with_spread(256, norm_spread(256, None)) is None       # the Gaussian floor

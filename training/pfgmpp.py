@@ -17,7 +17,7 @@ import math
 
 import torch
 
-__all__ = ['check_aug_dim', 'sample_noise', 'radius_scale', 'posterior_logits', 'posterior_mean']
+__all__ = ['check_aug_dim', 'sample_noise', 'radius_scale', 'norm_spread', 'posterior_logits', 'posterior_mean']
 
 # Bound on the float64 elements of one reference chunk in posterior_mean (≈128 MiB).
 _CHUNK_ELEMENTS = 1 << 24
@@ -77,6 +77,16 @@ def sample_noise(shape, sigma, D, generator=None, device=None, dtype=torch.float
     gauss = torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(compute_dtype)
     scale = sigma * radius_scale(batch_size, D, device=device, generator=generator)
     return (gauss * scale.to(compute_dtype).reshape((-1,) + (1,) * (len(shape) - 1))).to(dtype)
+
+
+def norm_spread(N, D):
+    """Relative standard deviation of ‖x − y‖² under the kernel, √(2(N + D − 2) / (N(D − 4))): how widely the noisy
+    samples' norms spread around σ√N (the "robustness" knob; √(2/N) for D → ∞, infinite for D ≤ 4). It follows
+    from ‖x − y‖² = σ²·χ²_N·D/χ²_D with E[(D/χ²_D)ᵏ] for k = 1, 2."""
+    D = check_aug_dim(D)
+    if D is None:
+        return math.sqrt(2 / N)
+    return math.sqrt(2 * (N + D - 2) / (N * (D - 4))) if D > 4 else math.inf
 
 
 def _squared_distances(noisy, references):
