@@ -14,7 +14,6 @@ import dataclasses
 import glob
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dnnlib.util import atomic_write               # noqa: E402
-from training.generation import folder_name        # noqa: E402
+from training.generation import folder_name, missing_seeds, network_kimg   # noqa: E402
 import reproduce_report                            # noqa: E402
 
 
@@ -61,7 +60,6 @@ QUICK = Recipe(resolution=8, kimg=1, network=('--arch=ddpmpp', '--cbase=16', '--
                models=(('D=8', 8), ('EDM', None)), alphas=(0, 0.2), steps=(3,), bits=(4,), num_images=16,
                ref_images=64, second_seed_set='D=8', sec_per_kimg=10.0, sec_per_image_nfe=0.0005)
 
-BASELINE_STEPS = 18        # the sweeps' default sampler: Heun, 18 steps (35 NFE), full precision, α = 0
 
 
 def model_slug(label):
@@ -114,14 +112,12 @@ class Reproduction:
         seeds = seed_range(seed_set, self.recipe.num_images)
         return os.path.join(self.run_dir(label), folder_name(self.recipe.kimg, seeds, axis, value))
 
-    def folder_complete(self, path):
-        pngs = glob.glob(os.path.join(path, '*', '*.png'))
-        return len(pngs) >= self.recipe.num_images
+    def folder_complete(self, seed_set, path):
+        return not missing_seeds(path, seed_range(seed_set, self.recipe.num_images), subdirs=True)
 
     def training_done(self, label):
         states = glob.glob(os.path.join(self.run_dir(label), 'training-state-*.pt'))
-        kimgs = [int(re.search(r'(\d+)\.pt$', s).group(1)) for s in states]
-        return bool(kimgs) and max(kimgs) >= self.recipe.kimg
+        return any(network_kimg(state) >= self.recipe.kimg for state in states)
 
     # --- commands --------------------------------------------------------------------------------------------
 
@@ -192,9 +188,10 @@ class Reproduction:
         jobs = []
         for axis, values, script, list_option in self.sweeps():
             folders = [self.folder(label, seed_set, axis, v) for v in values]
-            nfe = sum(2 * v - 1 if axis == 'steps' else 2 * BASELINE_STEPS - 1 for v in values)
+            nfe = sum(2 * v - 1 if axis == 'steps' else 2 * reproduce_report.BASELINE_STEPS - 1 for v in values)
             jobs.append(Job(f'{axis} sweep {label} seeds {seed_set}', r.num_images * nfe * r.sec_per_image_nfe,
-                            lambda folders=folders: all(map(self.folder_complete, folders)),
+                            lambda folders=folders, seed_set=seed_set: all(
+                                self.folder_complete(seed_set, f) for f in folders),
                             lambda a=(label, seed_set, axis, values, script, list_option): self.sample(*a)))
             for path in folders:
                 rel = os.path.relpath(path, self.out)

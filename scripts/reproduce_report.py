@@ -13,6 +13,7 @@ AXES = {  # axis: (title, x label)
     'quant': ('Weight quantization (per-tensor min/max, conv/linear/attention weights)', 'bits'),
 }
 FULL_PRECISION_BITS = 32   # where the unquantized baseline sits on the bits axis
+BASELINE_STEPS = 18        # the sweeps' default sampler: Heun, 18 steps (35 NFE), full precision, α = 0
 PAPER_N = 3072             # CIFAR-10, where the paper's D = 64, 128, 2048 live
 D_CHOICE = (
     'The paper compares D = 64, 128, 2048 and EDM at N = 3072. Two rules carry a D to a smaller N (paper-facts '
@@ -49,7 +50,7 @@ class Results:
             pts = [(a, self.fid(label, seed_set, 'alpha', a)) for a in recipe.alphas]
         elif axis == 'steps':
             pts = [(2 * s - 1, self.fid(label, seed_set, 'steps', s)) for s in recipe.steps]
-            pts.append((2 * 18 - 1, base))
+            pts.append((2 * BASELINE_STEPS - 1, base))
         else:
             pts = [(b, self.fid(label, seed_set, 'quant', b)) for b in recipe.bits]
             pts.append((FULL_PRECISION_BITS, base))
@@ -183,7 +184,7 @@ def table(results, axis):
     lines = [f'| model | ' + ' | '.join(f'{header} {n}' for n in names) + ' |',
              '|---|' + '---:|' * len(xs)]
     for label in results.labels:
-        for seed_set in (1, 2) if label == results.recipe.second_seed_set else (1,):
+        for seed_set in results.r.seed_sets(label):
             row = dict(results.points(label, axis, seed_set))
             name = label if seed_set == 1 else f'{label} (2nd seed set)'
             lines.append(f'| {name} | ' + ' | '.join(f'{row[x]:.2f}' for x in xs) + ' |')
