@@ -250,3 +250,7 @@ def test_churn_outside_its_window_still_advances_each_seed_by_one_draw_per_step(
         assert torch.equal(state, expected) and torch.equal(outside_state, expected)
     inside, _ = run(S_churn=40, S_min=0, S_max=200, S_noise=1.003)
     assert not torch.allclose(inside, deterministic)  # the window does matter when it covers steps
+    # With α noise injection every step draws twice: the α noise, then the churn noise.
+    _, alpha_states = run(noise_alpha=0.1)
+    for seed, state in zip(seeds, alpha_states):
+        assert torch.equal(state, _fresh_state_after(seed, data.shape[1:], 2 * num_steps))
