@@ -253,7 +253,7 @@ def sample(net, latents, class_labels=None, randn_like=torch.randn_like, noise_a
 
 class SeedRandom:
     """One torch.Generator per seed, on `device`: every draw is made per image from that image's own stream,
-    so an image depends only on its seed (not on the batch, the rank or the seed's position in the list)."""
+    so the draws for an image depend only on its seed (not on the batch, the rank or the seed's position)."""
 
     def __init__(self, seeds, device):
         self.device = torch.device(device)
