@@ -1,10 +1,11 @@
 """Plain helpers with no torch dependency."""
 
+import contextlib
+import glob
 import os
 import re
 import sys
 import tempfile
-import contextlib
 
 
 class EasyDict(dict):
@@ -57,10 +58,15 @@ def format_time(seconds):
 
 @contextlib.contextmanager
 def atomic_write(path, mode='wb'):
-    """Open a temporary file beside `path`; rename it over `path` only if the block finishes without error."""
+    """Open a temporary file beside `path`; rename it over `path` only if the block finishes without error.
+
+    A writer killed outright (SIGKILL, SIGTERM, power loss) leaves `path` as it was plus a hidden temporary
+    `.NAME.*.tmp`; the next successful write of the same path removes such leftovers (one writer per path).
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    prefix = '.' + os.path.basename(path) + '.'
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix='.tmp')
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -71,6 +77,9 @@ def atomic_write(path, mode='wb'):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+    for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + '*.tmp')):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
 
 
 class Logger:

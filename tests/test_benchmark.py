@@ -2,6 +2,7 @@
 its profile summary adds up."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -56,17 +57,18 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     report = json.load(open(out + '.json'))
     rows = {(row['arch'], row['mode']): row for row in report['rows']}
     assert list(rows) == [(arch, mode) for arch in ('ddpmpp', 'ncsnpp') for mode in MODES]
-    for row in rows.values():
+    for (arch, mode), row in rows.items():
         assert row['train'] == 'ok' and row['sample'] == 'ok', row
         assert row['train_img_s'] > 0 and row['sample_img_s'] > 0 and row['measured_nfe'] == 5
-        assert row['train_ratio'] > 0 and row['sample_ratio'] > 0
-        assert row['sample_max_abs_diff'] >= 0
+        ref = rows[(arch, 'ref')]
+        assert row['train_ratio'] == pytest.approx(row['train_img_s'] / ref['train_img_s'], rel=1e-12)
+        assert row['sample_ratio'] == pytest.approx(row['sample_img_s'] / ref['sample_img_s'], rel=1e-12)
+        assert math.isfinite(row['sample_max_abs_diff']), row  # a NaN sample would show here
         for kind in ('train', 'sample'):
             summary = row[f'{kind}_profile']
             assert summary['device_ms'] > 0 and 0 < summary['busy'] <= 1.5 and summary['launches'] > 0, summary
             assert abs(sum(summary['categories'].values()) - summary['device_ms']) < 1e-6 * summary['device_ms']
             assert summary['categories']['conv/matmul'] > 0 and summary['top']
-    assert rows[('ddpmpp', 'ref')]['train_ratio'] == 1 and rows[('ddpmpp', 'ref')]['sample_max_abs_diff'] == 0
     assert rows[('ddpmpp', 'bf16')]['sample_max_abs_diff'] > 0  # bf16 really ran
     assert rows[('ddpmpp', 'bf16-native')]['sample_max_abs_diff'] > 0
 
@@ -76,7 +78,6 @@ def test_quick_benchmark_writes_every_row(tmp_path):
         assert row['status'] == 'ok' and row['parity_steps'] == 3, row
     assert parity['fp32 repeat']['loss_rel_diff_max'] == 0  # the CPU is deterministic
     assert 0 < parity['bf16']['loss_rel_diff_max'] < 1e-2
-    assert parity['tf32']['param_rel_diff'] == 0  # TF32 does nothing on the CPU
 
     markdown = open(out + '.md').read()
     assert markdown.count('| ddpmpp |') >= len(MODES) and markdown.count('| ncsnpp |') >= len(MODES)

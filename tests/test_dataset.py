@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 import torch
 
-from tests.data_helpers import make_image_folder, make_image_zip, random_images
+from data_helpers import make_image_folder, make_image_zip, random_images
 from training.dataset import ImageFolderDataset
 
 

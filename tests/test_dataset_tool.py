@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
-from tests.data_helpers import make_image_zip, random_images
+from data_helpers import make_image_zip, random_images
 from training.dataset import ImageFolderDataset
 
 

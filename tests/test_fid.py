@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import fid
-from tests.data_helpers import make_image_zip, random_images
+from data_helpers import make_image_zip, random_images
 from training import fid_stats
 
 # ---------------------------------------------------------------------------------------------- formulas

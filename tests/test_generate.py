@@ -78,6 +78,10 @@ def read_bytes(folder):
     return {name: open(os.path.join(folder, name), 'rb').read() for name in pngs(folder)}
 
 
+def pixels(folder, names):
+    return np.stack([np.asarray(PIL.Image.open(os.path.join(folder, name))) for name in names])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_network_mode_writes_images_grid_and_is_batch_independent(run_dir, tmp_path):
@@ -95,16 +99,23 @@ def test_network_mode_writes_images_grid_and_is_batch_independent(run_dir, tmp_p
     assert grid_image.shape == (16, 16)
     assert np.array_equal(grid_image[:8, :8], np.asarray(image))
     assert np.array_equal(grid_image[8:, 8:], np.asarray(PIL.Image.open(os.path.join(out_a, '000002.png'))))
-    # Different batch size and seed order, with subdirectories: the same bytes per seed.
+    # Different batch size and seed order, with subdirectories: the same image per seed, up to the network's
+    # batch-size-dependent rounding (README: a rare pixel may differ by one level).
     result = invoke(generate.main, [f'--network={ckpt}', f'--outdir={out_b}', '--seeds=4,2,0,1,3', '--batch=1', '--steps=2',
                                     '--subdirs'])
     assert result.exit_code == 0, result.output
-    b = read_bytes(out_b)
-    assert sorted(b) == [f'000000/{s:06d}.png' for s in range(5)]
-    a = read_bytes(out_a)
-    assert all(a[f'{s:06d}.png'] == b[f'000000/{s:06d}.png'] for s in range(5))
+    assert pngs(out_b) == [f'000000/{s:06d}.png' for s in range(5)]
+    a = pixels(out_a, [f'{s:06d}.png' for s in range(5)])
+    b = pixels(out_b, [f'000000/{s:06d}.png' for s in range(5)])
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.01, (diff.max(), (diff > 0).mean())
     # Images differ between seeds (the sampler actually uses the seed).
-    assert len(set(a.values())) == 5
+    assert len(set(read_bytes(out_a).values())) == 5
+    # The same seeds, batch size and device: the same bytes.
+    out_c = str(tmp_path / 'c')
+    assert invoke(generate.main, [f'--network={ckpt}', f'--outdir={out_c}', '--seeds=3,0-4', '--batch=4',
+                                  '--steps=2']).exit_code == 0
+    assert read_bytes(out_c) == read_bytes(out_a)
 
 
 def test_run_dir_mode_layout_skip_and_completion(run_dir, tmp_path):
@@ -170,6 +181,17 @@ def test_class_conditional_rgb(edm_cond_ckpt, tmp_path):
                                     '--class=2'])
     assert result.exit_code == 0, result.output
     assert PIL.Image.open(os.path.join(out, '000000.png')).mode == 'RGB'
+    # --class reaches the network: each class gives other images for the same seeds, and without --class each
+    # seed's image is that of one of the classes (its own one-hot label, drawn from its generator).
+    images = {2: pixels(out, ['000000.png', '000001.png'])}
+    for label in (0, 1, None):
+        other = str(tmp_path / f'class_{label}')
+        args = [f'--network={edm_cond_ckpt}', f'--outdir={other}', '--seeds=0-1', '--steps=2']
+        assert invoke(generate.main, args + ([f'--class={label}'] if label is not None else [])).exit_code == 0
+        images[label] = pixels(other, ['000000.png', '000001.png'])
+    for i in range(2):
+        assert len({images[k][i].tobytes() for k in range(3)}) == 3
+        assert sum(np.array_equal(images[None][i], images[k][i]) for k in range(3)) == 1
     # The EDM network accepts --pfgmpp=0.
     assert invoke(generate.main, [f'--network={edm_cond_ckpt}', f'--outdir={out}', '--seeds=0', '--steps=2',
                                   '--pfgmpp=0']).exit_code == 0

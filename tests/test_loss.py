@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
+from training.augment import AugmentPipe
 from training.loss import EDMLoss, VELoss, VPLoss, build_loss
 from training.networks import EDMPrecond, VEPrecond, VPPrecond
 
@@ -210,10 +211,6 @@ def test_config_round_trip_and_validation():
 # ---- real preconditioners ----
 
 def make_augment_pipe():
-    try:
-        from training.augment import AugmentPipe
-    except ImportError:  # the augment module is written in parallel; the stub has the same interface
-        return flip_pipe
     return AugmentPipe(p=1, xflip=1, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 
 

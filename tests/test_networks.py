@@ -4,6 +4,7 @@ attention against a brute-force float64 softmax, the preconditioners' coefficien
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -427,17 +428,59 @@ def test_vp_sigma_range():
     assert torch.equal(net.round_sigma(torch.tensor([0.3])), torch.tensor([0.3]))
 
 
-def test_iddpm_levels_and_round_sigma():
-    net = iDDPMPrecond(8, 3, **TINY_ADM)
-    M, C_1, C_2 = 1000, 0.001, 0.008
+def reference_iddpm_u(C_1=0.001, C_2=0.008, M=1000):
+    """The reference iDDPMPrecond's table, written out as it computes it: u = torch.zeros(M + 1) (float32), and
+    alpha_bar(j) = (0.5 * np.pi * torch.as_tensor(j) / M / (C_2 + 1)).sin() ** 2 on a 0-d int64 tensor, so every
+    operation of the recursion rounds to float32."""
+    def alpha_bar(j):
+        j = torch.as_tensor(j)
+        return (0.5 * np.pi * j / M / (C_2 + 1)).sin() ** 2
+    u = torch.zeros(M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = ((u[j] ** 2 + 1) / (alpha_bar(j - 1) / alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+    return u
+
+
+def float64_iddpm_u(C_1=0.001, C_2=0.008, M=1000):
     u = [0.0] * (M + 1)  # brute-force float64 recurrence
     for j in range(M, 0, -1):
         ratio = math.sin(math.pi / 2 * (j - 1) / (M * (C_2 + 1))) ** 2 / math.sin(math.pi / 2 * j / (M * (C_2 + 1))) ** 2
         u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(ratio, C_1) - 1)
-    assert torch.allclose(net.u.double(), torch.tensor(u, dtype=torch.float64), rtol=1e-6)
-    assert net.sigma_max == pytest.approx(20291.17, abs=0.01) and net.u[0].item() == net.sigma_max
-    assert net.sigma_min == pytest.approx(0.00642, abs=1e-5) and net.u[M - 1].item() == net.sigma_min
+    return u
+
+
+def test_iddpm_levels_are_the_reference_float32_recursion():
+    """A new network's u is the reference's float32 table bit for bit (catches the exact float64 table rounded
+    to float32, which differs in most levels); σ_min/σ_max are its entries. The ablation sampler's table stays
+    the float64 recursion."""
+    M = 1000
+    net = iDDPMPrecond(8, 3, **TINY_ADM)
+    reference = reference_iddpm_u()
+    assert net.u.dtype == torch.float32 and torch.equal(net.u, reference)
+    exact = torch.tensor(float64_iddpm_u(), dtype=torch.float64)
+    assert (reference != exact.float()).sum() > M // 2  # the float32 recursion drifts off the exact values...
+    assert torch.allclose(reference.double(), exact, rtol=5e-4, atol=0)  # ... by at most 4.8e-4 relative
+    assert net.sigma_min == reference[M - 1].item() == pytest.approx(0.0064223, abs=1e-7)
+    assert net.sigma_max == reference[0].item() == pytest.approx(20291.17, abs=0.01)
     assert net.u[M].item() == 0
+    assert torch.allclose(torch.tensor(networks.iddpm_noise_levels(), dtype=torch.float64), exact, rtol=1e-12, atol=0)
+
+
+def test_iddpm_sigma_range_follows_a_loaded_u_buffer():
+    """σ_min/σ_max come from the buffer, also after load_state_dict (e.g. a reference file whose u differs)."""
+    net = iDDPMPrecond(8, 3, **TINY_ADM)
+    state = net.state_dict()
+    state['u'] = state['u'] * 1.001
+    net.load_state_dict(state)
+    assert net.sigma_min == state['u'][999].item() and net.sigma_max == state['u'][0].item()
+    from training.sampler import edm_sigma_steps
+    steps = edm_sigma_steps(net, 5, 0.001, 1e6)  # clamped to the network's range: the loaded ends
+    assert steps[0] == state['u'][0].item() and steps[-1] == state['u'][999].item()
+
+
+def test_iddpm_round_sigma():
+    net = iDDPMPrecond(8, 3, **TINY_ADM)
+    M = 1000
     queries = torch.tensor([[0.001, 1.0], [3.7, 25000.0]], dtype=torch.float64)
     nearest = [min(range(M + 1), key=lambda j: abs(q - net.u[j].item())) for q in queries.flatten().tolist()]
     index = net.round_sigma(queries, return_index=True)

@@ -131,18 +131,29 @@ def test_bf16_native_keeps_activations_bfloat16_and_gradients_float32():
     assert torch.equal(forced, reference)
 
 
-def test_tf32_and_fp16_modes_are_fp32_on_the_cpu():
-    # TF32 and use_fp16 act only on CUDA: on the CPU both modes must give fp32's numbers exactly.
+def test_tf32_and_fp16_modes_set_their_switches_and_stay_fp32_on_the_cpu():
+    # tf32 only flips the CUDA TF32 switches (their numbers are not compared here: on the CPU they change nothing).
+    # fp16 sets use_fp16, which the network honours on CUDA only: on the CPU it must compute in float32, and that is
+    # observable, since float16 activations on the CPU give other numbers.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     net = tiny_net('ddpmpp').eval()
     x, sigma, augment_labels = inputs()
-    with torch.no_grad():
-        reference = net(x, sigma, augment_labels=augment_labels)
-        for mode in ('tf32', 'fp16'):
-            call = generation.prepare_network(net, mode)
-            assert torch.equal(call(x, sigma, augment_labels=augment_labels), reference), mode
-    assert net.use_fp16  # fp16 mode set it (on the CPU the network ignores it)
-    generation.prepare_network(net, 'fp32')
-    assert not net.use_fp16
+    try:
+        generation.prepare_network(net, 'tf32')
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        generation.prepare_network(net, 'fp32')
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        with torch.no_grad():
+            reference = net(x, sigma, augment_labels=augment_labels)
+            half = net(x, sigma, augment_labels=augment_labels, activation_dtype=torch.float16)
+            call = generation.prepare_network(net, 'fp16')
+            assert net.use_fp16
+            assert torch.equal(call(x, sigma, augment_labels=augment_labels), reference)
+        assert not torch.equal(half, reference)
+        generation.prepare_network(net, 'fp32')
+        assert not net.use_fp16
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_generate_bench_switches_cudnn_autotuning():
@@ -244,33 +255,58 @@ def _fused_available():
         return False
 
 
-def test_optimizer_states_load_across_fused_plain_and_memory_layouts():
+def _adam_state_after_two_steps(fused):
     kwargs = dict(class_name='torch.optim.Adam', lr=1e-2, betas=[0.9, 0.999], eps=1e-8)
-    saver_fused = _fused_available()  # the fused kernels have a CPU version in recent PyTorch
     source = _params()
-    opt = training_loop.build_optimizer(kwargs, source, fused=saver_fused)
+    opt = training_loop.build_optimizer(kwargs, source, fused=fused)
     _adam_steps(opt, source, 2, seed=1)
-    saved = copy.deepcopy(opt.state_dict())  # as written to a checkpoint (state_dict() shares the live tensors)
+    return kwargs, source, opt
 
-    # Continue in a plain optimizer whose parameters are channels-last (as prepare_training makes them).
-    target = _params(torch.channels_last)
+
+def _continue_in(kwargs, saved, source, opt, memory_format, fused):
+    """Load `saved` into a new optimizer over copies of `source` (in `memory_format`), step both once more."""
+    target = _params(memory_format)
     with torch.no_grad():
         for t, s in zip(target, source):
             t.copy_(s)
-    plain = training_loop.build_optimizer(kwargs, target)
-    training_loop.load_optimizer_state(plain, saved)
-    assert not plain.param_groups[0].get('fused')
-    assert plain.state[target[0]]['exp_avg'].stride() == target[0].stride()
+    other = training_loop.build_optimizer(kwargs, target, fused=fused)
+    training_loop.load_optimizer_state(other, saved)
+    assert bool(other.param_groups[0].get('fused')) == fused
+    assert other.state[target[0]]['exp_avg'].stride() == target[0].stride()
     _adam_steps(opt, source, 1, seed=2)
-    _adam_steps(plain, target, 1, seed=2)
+    _adam_steps(other, target, 1, seed=2)
     for t, s in zip(target, source):
         torch.testing.assert_close(t.detach(), s.detach(), rtol=1e-6, atol=1e-7)
+    return other
 
-    if saver_fused:  # and back into a fused one
-        again = _params()
-        fused = training_loop.build_optimizer(kwargs, again, fused=True)
-        training_loop.load_optimizer_state(fused, plain.state_dict())
-        assert fused.param_groups[0]['fused']
+
+def test_plain_optimizer_state_loads_into_channels_last_parameters():
+    kwargs, source, opt = _adam_state_after_two_steps(fused=False)
+    saved = copy.deepcopy(opt.state_dict())  # as written to a checkpoint (state_dict() shares the live tensors)
+    _continue_in(kwargs, saved, source, opt, torch.channels_last, fused=False)
+
+
+def test_optimizer_states_load_across_fused_and_plain():
+    if not _fused_available():
+        pytest.skip(f'fused Adam is not available on the CPU in torch {torch.__version__}')
+    kwargs, source, opt = _adam_state_after_two_steps(fused=True)
+    saved = copy.deepcopy(opt.state_dict())
+    # A fused state continues in a plain optimizer over channels-last parameters (as prepare_training makes
+    # them), and that one's state back in a fused one: the same steps as the uninterrupted optimizer.
+    plain = _continue_in(kwargs, saved, source, opt, torch.channels_last, fused=False)
+    source_now = [p.detach().clone() for p in plain.param_groups[0]['params']]
+    saved = copy.deepcopy(plain.state_dict())
+    again = _params()
+    with torch.no_grad():
+        for t, s in zip(again, source_now):
+            t.copy_(s)
+    fused = training_loop.build_optimizer(kwargs, again, fused=True)
+    training_loop.load_optimizer_state(fused, saved)
+    assert fused.param_groups[0]['fused']
+    _adam_steps(plain, plain.param_groups[0]['params'], 1, seed=3)
+    _adam_steps(fused, again, 1, seed=3)
+    for t, s in zip(again, plain.param_groups[0]['params']):
+        torch.testing.assert_close(t.detach(), s.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_prepare_training_on_the_cpu():

@@ -170,3 +170,95 @@ def test_bad_ablation_choice_is_a_value_error():
         S.ablation_sampler(net, torch.zeros(1, 1, 4, 4), solver='rk4')
     with pytest.raises(ValueError, match='discretization'):
         S.prior_sigma(net, discretization='cosine')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seed compatibility with EDM's generate.py: the churn noise is drawn on every step (issue 13).
+
+def reference_edm_sampler(net, latents, randn_like, num_steps, sigma_min, sigma_max, rho, S_churn, S_min, S_max,
+                          S_noise):
+    """EDM's edm_sampler as reference-facts §6.1 describes it (tensors throughout, ε drawn on every step and
+    multiplied by zero outside [S_min, S_max]); here `latents` are x at t_0 already, like S.edm_sampler's."""
+    sigma_min, sigma_max = max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t_steps = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])
+    x_next = latents.to(torch.float64)
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = net.round_sigma(t_cur + gamma * t_cur)
+        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+        d_cur = (x_hat - net(x_hat, t_hat.reshape(1)).to(torch.float64)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:
+            d_prime = (x_next - net(x_next, t_next.reshape(1)).to(torch.float64)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+EDM_IMAGENET_CHURN = dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
+
+
+def test_stochastic_edm_sampler_matches_the_reference_draw_order():
+    """EDM's ImageNet churn settings: the first steps (σ > 50) and the last (σ < 0.05) are outside the window.
+    Catches drawing the churn noise only inside the window (every later draw of the seed then shifts)."""
+    data = toy_data(count=5, channels=2, resolution=4, seed=4)
+    net = ExactDenoiser(data, None)
+    kwargs = dict(num_steps=12, sigma_min=0.002, sigma_max=80, rho=7, **EDM_IMAGENET_CHURN)
+    t_steps = S.edm_sigma_steps(net, 12, 0.002, 80, 7)
+    assert any(t > 50 for t in t_steps) and any(t < 0.05 for t in t_steps)  # both sides of the window are used
+    seeds = [0, 5, 9]
+    rnd, ref_rnd = S.SeedRandom(seeds, 'cpu'), S.SeedRandom(seeds, 'cpu')
+    latents = rnd.prior(data.shape[1:], t_steps[0], None)
+    assert torch.equal(ref_rnd.prior(data.shape[1:], t_steps[0], None), latents)
+    ours = S.edm_sampler(net, latents, randn_like=rnd.randn_like, **kwargs)
+    ref = reference_edm_sampler(net, latents, ref_rnd.randn_like, **kwargs)
+    assert torch.equal(ours, ref)
+
+
+def _fresh_state_after(seed, shape, draws):
+    """The generator state of `seed` after the Gaussian prior (drawn in float32) and `draws` float64 draws of
+    `shape` (CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.randn((1, *shape), generator=g, dtype=torch.float32)
+    for _ in range(draws):
+        torch.randn(shape, generator=g, dtype=torch.float64)
+    return g.get_state()
+
+
+@pytest.mark.parametrize('sampler', ['edm', 'ablation'])
+def test_churn_outside_its_window_still_advances_each_seed_by_one_draw_per_step(sampler):
+    """A churn window that covers no step leaves the image equal to the deterministic one, yet every step still
+    draws exactly one [C, H, W] Gaussian from the seed's generator (no more: the Heun correction draws nothing).
+    Catches drawing the churn noise only inside the window (EDM draws it on every step)."""
+    data = toy_data(count=4, channels=2, resolution=4, seed=5)
+    net = ExactDenoiser(data, None)
+    extra = dict(solver='heun') if sampler == 'ablation' else {}
+    num_steps, seeds = 7, [3, 8]
+
+    def run(**kwargs):
+        rnd = S.SeedRandom(seeds, 'cpu')
+        latents = rnd.prior(data.shape[1:], S.prior_sigma(net, num_steps=num_steps, **extra), None)
+        x = S.sample(net, latents, randn_like=rnd.randn_like, num_steps=num_steps, **extra, **kwargs)
+        return x, [g.get_state() for g in rnd.generators]
+
+    def assert_draws(states, draws):
+        for seed, state in zip(seeds, states):
+            assert torch.equal(state, _fresh_state_after(seed, data.shape[1:], draws))
+
+    # At S_churn = 0 edm_sampler uses no churn noise, so it draws none; the ablation sampler draws it anyway
+    # (its σ(σ⁻¹(σ)) round trip can add a rounding-sized churn, as in EDM).
+    churn_draws_at_zero = num_steps if sampler == 'ablation' else 0
+    deterministic, states = run()
+    assert_draws(states, churn_draws_at_zero)
+    outside, outside_states = run(S_churn=40, S_min=100, S_max=200, S_noise=1.003)  # grid tops out at 80
+    assert torch.equal(outside, deterministic)
+    assert_draws(outside_states, num_steps)
+    inside, _ = run(S_churn=40, S_min=0, S_max=200, S_noise=1.003)
+    assert not torch.allclose(inside, deterministic)  # the window does matter when it covers steps
+    # α noise injection draws once per step, before the churn noise.
+    _, alpha_states = run(noise_alpha=0.1)
+    assert_draws(alpha_states, num_steps + churn_draws_at_zero)
+    _, both_states = run(noise_alpha=0.1, S_churn=40, S_min=100, S_max=200)
+    assert_draws(both_states, 2 * num_steps)

@@ -1,5 +1,6 @@
 """train.py end to end on the CPU: a tiny PFGM++ run, exact resume (explicit and by --name), torchrun with two
-gloo processes, and every bad input answered with one line, a non-zero exit and nothing written."""
+gloo processes (the same weights on both, exact resume), and every bad input answered with one line, a non-zero
+exit and nothing written."""
 
 import io
 import json
@@ -25,9 +26,9 @@ STATS_KEYS = ['Loss/loss', 'Progress/tick', 'Progress/kimg', 'Timing/total_sec',
               'Resources/peak_gpu_mem_reserved_gb', 'timestamp']
 
 
-def run_train(args, launcher=None):
+def run_train(args, launcher=None, script=os.path.join(ROOT, 'train.py')):
     env = dict(os.environ, OMP_NUM_THREADS='1', PFGMPP_DEVICE='cpu')
-    command = (launcher or [sys.executable]) + [os.path.join(ROOT, 'train.py')] + args
+    command = (launcher or [sys.executable]) + [script] + args
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
@@ -125,18 +126,61 @@ def test_resume_by_name_and_by_path_is_bit_identical(full_run, data_zip):
                       os.path.join(explicit, numbered, 'training-state-000002.pt'))
 
 
-@pytest.mark.parametrize('precision', ['fp32', 'bf16-native'])  # bf16-native: DDP passes its dtype argument on
-def test_torchrun_two_cpu_processes(precision, data_zip, tmp_path):
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    log = run_train([f'--outdir={tmp_path}', f'--data={data_zip}', '--name=ddp', '--duration=0.001',
-                     '--arch=ncsnpp', f'--precision={precision}'] + PFGMPP + TINY, launcher=launcher)
-    assert 'identical on all 2 processes' in log  # a collective check of every tensor against rank 0's
-    state = checkpoint.load_training_state(str(tmp_path / 'ddp' / 'training-state-000001.pt'))
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+DDP = ['--name=ddp', '--arch=ncsnpp'] + PFGMPP + TINY
+
+
+def run_torchrun_and_capture(outdir, args):
+    """train.py under torchrun with 2 CPU processes; returns each rank's final {'net', 'ema'} weights."""
+    prefix = os.path.join(str(outdir), 'weights')
+    run_train([prefix, f'--outdir={outdir}'] + args, launcher=TORCHRUN,
+              script=os.path.join(ROOT, 'tests', 'ddp_capture.py'))
+    return [torch.load(f'{prefix}-rank{rank}.pt', weights_only=True) for rank in range(2)]
+
+
+@pytest.fixture(scope='module')
+def ddp_fp32_run(data_zip, tmp_path_factory):
+    """A 1-kimg fp32 run with 2 processes: (run dir, each rank's final weights)."""
+    outdir = tmp_path_factory.mktemp('ddp_fp32')
+    ranks = run_torchrun_and_capture(outdir, [f'--data={data_zip}', '--duration=0.001', '--precision=fp32'] + DDP)
+    return str(outdir), ranks
+
+
+def _check_two_process_run(run_dir, ranks, precision):
+    # Both processes end with the same weights, and those are what rank 0 saved.
+    state = checkpoint.load_training_state(os.path.join(run_dir, 'training-state-000001.pt'))
+    for which in ('net', 'ema'):
+        assert ranks[0][which].keys() == ranks[1][which].keys() == state[which].keys()
+        for name, tensor in ranks[0][which].items():
+            assert torch.equal(tensor, ranks[1][which][name]), f'{which}.{name} differs between ranks'
+            assert torch.equal(tensor, state[which][name]), f'{which}.{name} differs from the checkpoint'
     assert len(state['extra']['rng_states']) == 2 and state['progress']['world_size'] == 2
     assert not torch.equal(state['extra']['rng_states'][0]['torch'], state['extra']['rng_states'][1]['torch'])
     assert state['network_config']['embedding_type'] == 'fourier'
-    options = json.load(open(tmp_path / 'ddp' / 'training_options.json'))
+    options = json.load(open(os.path.join(run_dir, 'training_options.json')))
     assert options['batch_size'] == 32 and options['precision'] == precision
+
+
+def test_torchrun_two_cpu_processes_fp32(ddp_fp32_run):
+    outdir, ranks = ddp_fp32_run
+    _check_two_process_run(os.path.join(outdir, 'ddp'), ranks, 'fp32')
+
+
+def test_torchrun_two_cpu_processes_bf16_native(data_zip, tmp_path):  # DDP passes its dtype argument on
+    ranks = run_torchrun_and_capture(tmp_path, [f'--data={data_zip}', '--duration=0.001',
+                                                '--precision=bf16-native'] + DDP)
+    _check_two_process_run(str(tmp_path / 'ddp'), ranks, 'bf16-native')
+
+
+def test_torchrun_resume_is_bit_identical(ddp_fp32_run, data_zip, tmp_path):
+    """2 processes: 1 kimg, then the same command continued to 2 kimg, equals 2 kimg in one go."""
+    outdir, _ranks = ddp_fp32_run
+    common = [f'--data={data_zip}', '--duration=0.002', '--precision=fp32'] + DDP
+    log = run_train([f'--outdir={outdir}'] + common, launcher=TORCHRUN)
+    assert 'Resuming from' in log
+    run_train([f'--outdir={tmp_path}'] + common, launcher=TORCHRUN)
+    assert_same_state(str(tmp_path / 'ddp' / 'training-state-000002.pt'),
+                      os.path.join(outdir, 'ddp', 'training-state-000002.pt'))
 
 
 # ------------------------------------------------------------------------------------------------------ bad input

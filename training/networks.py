@@ -21,7 +21,7 @@ from training.pfgmpp import check_aug_dim
 __all__ = [
     'weight_init', 'Linear', 'Conv2d', 'GroupNorm', 'attention', 'PositionalEmbedding', 'FourierEmbedding',
     'UNetBlock', 'SongUNet', 'DhariwalUNet', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond',
-    'iddpm_noise_levels',
+    'iddpm_noise_levels', 'iddpm_u_table',
     'build_network',
 ]
 
@@ -609,13 +609,26 @@ class VEPrecond(_Preconditioner):
 
 def iddpm_noise_levels(C_1=0.001, C_2=0.008, M=1000):
     """List of M + 1 float64 levels: u[M] = 0, u[j−1] = sqrt((u[j]² + 1) / max(ᾱ(j−1)/ᾱ(j), C_1) − 1), with
-    ᾱ(j) = sin²(π/2 · j / (M(1 + C_2))): improved DDPM's cosine schedule, shared by iDDPMPrecond and the
-    ablation sampler's iddpm discretisation."""
+    ᾱ(j) = sin²(π/2 · j / (M(1 + C_2))): improved DDPM's cosine schedule, for the ablation sampler's iddpm
+    discretisation. iDDPMPrecond's buffer is the same recursion in float32: iddpm_u_table."""
     def alpha_bar(j):
         return math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
     u = [0.0] * (M + 1)
     for j in range(M, 0, -1):
         u[j - 1] = math.sqrt((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1)
+    return u
+
+
+def iddpm_u_table(C_1=0.001, C_2=0.008, M=1000):
+    """iDDPMPrecond's buffer `u`: iddpm_noise_levels' recursion evaluated as the reference does, one float32
+    operation at a time on 0-d tensors, so that a new network has the levels of the reference's files bit for bit
+    (the float32 rounding accumulates along the recursion: up to 4.8e-4 relative to the exact values, σ_min
+    0.0064223 rather than 0.0064254). Float32 [M + 1] tensor on the CPU."""
+    def alpha_bar(j):
+        return (0.5 * math.pi * torch.tensor(j, dtype=torch.float32) / M / (C_2 + 1)).sin() ** 2
+    u = torch.zeros(M + 1, dtype=torch.float32)
+    for j in range(M, 0, -1):
+        u[j - 1] = ((u[j] ** 2 + 1) / (alpha_bar(j - 1) / alpha_bar(j)).clamp(min=C_1) - 1).sqrt()
     return u
 
 
@@ -632,12 +645,16 @@ class iDDPMPrecond(_Preconditioner):
         self.C_1 = C_1
         self.C_2 = C_2
         self.M = M
-        levels = iddpm_noise_levels(C_1, C_2, M)
-        self.register_buffer('u', torch.tensor(levels, dtype=torch.float32))
-        # The buffer's float32 values, read off the host copy (no device round trip).
-        self.sigma_min = torch.tensor(levels[M - 1], dtype=torch.float32, device='cpu').item()
-        self.sigma_max = torch.tensor(levels[0], dtype=torch.float32, device='cpu').item()
+        self.register_buffer('u', iddpm_u_table(C_1, C_2, M))
 
+    # Read off the buffer, so that they follow a loaded state dict (e.g. a reference file's u).
+    @property
+    def sigma_min(self):
+        return float(self.u[self.M - 1])
+
+    @property
+    def sigma_max(self):
+        return float(self.u[0])
 
     def precondition(self, sigma):
         c_skip = torch.ones_like(sigma)

@@ -7,7 +7,11 @@ that is. The ODE state is kept in float64 whatever the network's precision; the 
 `denoise()`.
 
 Randomness (churn and α noise injection) is drawn through `randn_like`, normally the per-seed
-`SeedRandom.randn_like`, so every image depends on its own seed only.
+`SeedRandom.randn_like`, so every image depends on its own seed only. Draw order per step, fixed: the α noise
+(when α ≠ 0), then the churn noise, drawn on every step whether or not the step is inside [S_min, S_max]
+(multiplied by zero outside it), as EDM's generate.py does, so stochastic images match EDM's for the same seed.
+Exception: edm_sampler at S_churn = 0 uses no churn noise at all, so it draws none (EDM draws it and multiplies
+it by zero: the same images); ablation_sampler always draws it.
 """
 
 import math
@@ -81,9 +85,11 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
         # Churn: raise the noise level to t_hat by adding fresh noise.
         gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
         t_hat = _round_sigma(net, t_cur + gamma * t_cur)
+        # Once churn is on, drawn on every step, in the window or not (EDM's draw order: seeds give EDM's images).
+        churn_noise = randn_like(x_cur) if S_churn else None
         x_hat = x_cur
         if t_hat > t_cur:
-            x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * randn_like(x_cur)
+            x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * churn_noise
         # Euler step, then Heun's second-order correction except on the last step (t_next = 0).
         d_cur = (x_hat - denoise(net, x_hat, t_hat, class_labels)) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
@@ -192,9 +198,12 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
             x_cur = x_cur + noise_alpha * sigma(t_cur) * s(t_cur) * randn_like(x_cur)
         gamma = min(S_churn / sched.num_steps, math.sqrt(2) - 1) if S_min <= sigma(t_cur) <= S_max else 0
         t_hat = sched.sigma_inv(_round_sigma(net, sigma(t_cur) + gamma * sigma(t_cur)))
+        # Drawn on every step, as EDM does, even at S_churn = 0: the σ(σ⁻¹(·)) round trip of the vp/ve schedules
+        # can raise t_hat above t_cur by a rounding error, and then EDM adds that (tiny) noise too.
+        churn_noise = randn_like(x_cur)
         x_hat = s(t_hat) / s(t_cur) * x_cur
         if sigma(t_hat) > sigma(t_cur):
-            x_hat = x_hat + math.sqrt(sigma(t_hat) ** 2 - sigma(t_cur) ** 2) * s(t_hat) * S_noise * randn_like(x_cur)
+            x_hat = x_hat + math.sqrt(sigma(t_hat) ** 2 - sigma(t_cur) ** 2) * s(t_hat) * S_noise * churn_noise
 
         h = t_next - t_hat
         d_cur = sched.derivative(x_hat, t_hat, class_labels)
@@ -244,7 +253,7 @@ def sample(net, latents, class_labels=None, randn_like=torch.randn_like, noise_a
 
 class SeedRandom:
     """One torch.Generator per seed, on `device`: every draw is made per image from that image's own stream,
-    so an image depends only on its seed (not on the batch, the rank or the seed's position in the list)."""
+    so the draws for an image depend only on its seed (not on the batch, the rank or the seed's position)."""
 
     def __init__(self, seeds, device):
         self.device = torch.device(device)
