@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from dnnlib.util import EasyDict, error_summary
-from training.checkpoint import CheckpointError
+from training.errors import CheckpointError
+from training.networks import build_network
 
 __all__ = ['LegacyObject', 'load_legacy_pickle', 'legacy_network_config', 'legacy_state_dict',
            'load_legacy_network']
@@ -246,7 +247,6 @@ def legacy_state_dict(record, prefix=''):
 
 def load_legacy_network(path, key='ema'):
     """Our network (eval mode, CPU) with the weights of a reference network file's `key` entry."""
-    from training.networks import build_network
     data = load_legacy_pickle(path)
     if isinstance(data, dict) and key in data:
         record = data[key]
