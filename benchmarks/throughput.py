@@ -31,6 +31,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import dnnlib  # noqa: E402
+import train  # noqa: E402
 from benchmarks import profile_summary  # noqa: E402
 from torch_utils import misc  # noqa: E402
 from torch_utils import precision as precision_mod  # noqa: E402
@@ -104,7 +105,7 @@ def parse_modes(_ctx, _param, value):
 
 
 def network_kwargs(arch, quick, dropout, use_fp16=False):
-    kwargs = dict(training_loop.ARCH_PRESETS[arch], class_name='training.networks.EDMPrecond', augment_dim=9,
+    kwargs = dict(train.ARCH_PRESETS[arch], class_name='training.networks.EDMPrecond', augment_dim=9,
                   dropout=dropout, use_fp16=use_fp16)
     if quick:
         kwargs.update(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
@@ -163,7 +164,7 @@ class TrainingRun:
             channels_last=mode.channels_last)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.loss_fn = training_loop.build_loss(dict(class_name='training.loss.EDMLoss', D=D, stf=False))
-        self.augment_pipe = training_loop.build_augment_pipe(training_loop.augment_preset(AUGMENT_P))
+        self.augment_pipe = training_loop.build_augment_pipe(train.augment_preset(AUGMENT_P))
         generator = torch.Generator().manual_seed(1)
         shape = [num_batches, self.batch, 3, s.resolution, s.resolution]
         self.data = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8).to(device)
