@@ -31,6 +31,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import dnnlib  # noqa: E402
+from dnnlib.util import error_summary  # noqa: E402
 import train  # noqa: E402
 from benchmarks import profile_summary  # noqa: E402
 from torch_utils import misc  # noqa: E402
@@ -375,7 +376,7 @@ class Results:
             with dnnlib.util.atomic_write(self.out + '.md', 'w') as f:
                 f.write(self.markdown())
         except Exception as err:  # a reporting problem must not cost the remaining measurements
-            print(f'could not write {self.out}.md/.json: {_one_line(err)}', flush=True)
+            print(f'could not write {self.out}.md/.json: {error_summary(err)}', flush=True)
 
 
 def _fmt(value, digits):
@@ -391,11 +392,6 @@ def _profile_text(summary):
         return ''
     shares = sorted(profile_summary.category_shares(summary).items(), key=lambda item: -item[1])[:3]
     return f'  [busy {summary["busy"]:.2f}, ' + ', '.join(f'{name} {share:.0f} %' for name, share in shares) + ']'
-
-
-def _one_line(err):
-    text = str(err).strip().splitlines()
-    return f'{type(err).__name__}: {text[0] if text else ""}'[:300]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -564,12 +560,13 @@ def main(archs, modes, batch_train, batch_sample, nfe, slow_sample_steps, parity
                 durations[('sample' if kind == 'sample' else 'train', mode.compile)] = duration
             print(f'{label} {text}  ({duration:.0f} s)', flush=True)
         except Exception as err:  # one mode failing (e.g. a compile error) must not end the run
-            status = f'failed: {_one_line(err)}'
+            failure = f'{type(err).__name__}: {error_summary(err)}'[:300]
+            status = f'failed: {failure}'
             if kind == 'parity':
                 results.update_parity('fp32 repeat' if mode is ref else mode.name, status=status)
             else:
                 results.update_row(arch, mode.name, **{kind: status})
-            print(f'{label} FAILED {_one_line(err)}', flush=True)
+            print(f'{label} FAILED {failure}', flush=True)
             torch._dynamo.reset()
             release(device)
 

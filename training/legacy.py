@@ -22,7 +22,7 @@ import zipfile
 import numpy as np
 import torch
 
-from dnnlib.util import EasyDict, error_summary
+from dnnlib.util import EasyDict, error_summary, plain_data
 from training.errors import CheckpointError
 from training.networks import build_network
 
@@ -203,26 +203,16 @@ def load_legacy_pickle(path):
         raise CheckpointError(f'{path}: not a readable network file ({error_summary(err)})') from None
 
 
-def _plain(value):
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def legacy_network_config(record):
     """Our network config from a reference preconditioner record. P's EDMPrecond stores pfgmpp and D; its
     VEPrecond takes them as arguments without storing D; EDM's networks have neither (D = None, diffusion)."""
     if not isinstance(record, LegacyObject) or record.class_name not in PRECONDITIONERS:
         found = record.class_name if isinstance(record, LegacyObject) else type(record).__name__
         raise ValueError(f'expected a preconditioned network ({", ".join(PRECONDITIONERS)}), found {found}')
-    kwargs = dict(_plain(record.state.get('_init_kwargs') or {}))
+    kwargs = dict(plain_data(record.state.get('_init_kwargs') or {}))
     args = list(record.state.get('_init_args') or ())
     for name, value in zip(('img_resolution', 'img_channels', 'label_dim', 'use_fp16'), args):
-        kwargs[name] = _plain(value)
+        kwargs[name] = plain_data(value)
     pfgmpp = kwargs.pop('pfgmpp', False)
     D = kwargs.pop('D', None)
     return dict(class_name=record.class_name, **kwargs, D=float(D) if pfgmpp and D is not None else None)

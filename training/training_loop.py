@@ -478,13 +478,8 @@ def save_state(run_dir, net, ema, optimizer, device, training_options, progress)
         checkpoint.save_training_state(
             path, network_config=net.config, net_state=net.state_dict(), ema_state=ema.state_dict(),
             optimizer_state=optimizer.state_dict(), progress=progress,
-            training_options=_plain(training_options), extra=dict(rng_states=rng_states))
+            training_options=dnnlib.util.plain_data(training_options), extra=dict(rng_states=rng_states))
     distributed.barrier()
-
-
-def _plain(options):
-    """JSON round trip: the checkpoint's copy of the options holds plain data only."""
-    return json.loads(json.dumps(options, default=str))
 
 
 class _WithKwargs(torch.nn.Module):
