@@ -165,7 +165,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _load_zip(path):
-    """torch.save's zip format: <prefix>/data.pkl plus one raw file per storage in <prefix>/data/."""
+    """torch.save's zip format: <prefix>/data.pkl plus one raw file per storage in <prefix>/data/.
+
+    Not torch.load(weights_only=True) under torch.serialization.safe_globals, although that reads these files too
+    (tried with torch 2.13: the names above mapped to our records, plus every numpy DType class). safe_globals
+    came with torch 2.5 (requirements.txt allows 2.1), and torch's refusal of a foreign global says in its first
+    line "Re-running torch.load with weights_only set to False will likely succeed", the one thing not to do with
+    these files; here a refusal names the global, as for the plain pickles, and both formats share one list."""
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith('data.pkl')]
