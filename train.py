@@ -258,6 +258,7 @@ def launch(c, device):
             logger.close()
         distributed.shutdown()
 
+
 def _random_seed(device):
     seed = torch.randint(1 << 31, size=[], device=device)  # a fresh process: the global RNG is unseeded
     if distributed.get_world_size() > 1:
