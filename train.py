@@ -16,8 +16,24 @@ from torch_utils import distributed, precision
 from training import checkpoint, training_loop
 from training.pfgmpp import check_aug_dim
 
-ARCH_PRESETS = training_loop.ARCH_PRESETS
+# The reference's --arch choices (network_kwargs) and its --augment pipeline; benchmarks/ uses them too.
+ARCH_PRESETS = {
+    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+                   decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual',
+                   decoder_type='standard', channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+    'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+}
 PRECOND_CLASSES = {'vp': ('VPPrecond', 'VPLoss'), 've': ('VEPrecond', 'VELoss'), 'edm': ('EDMPrecond', 'EDMLoss')}
+
+
+def augment_preset(p):
+    """AugmentPipe options for --augment=p: x-flips always armed, the geometric ops with probability p
+    (9 augmentation labels for the network's augment_dim)."""
+    return dict(class_name='training.augment.AugmentPipe', p=p, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+                translate_frac=1)
 
 
 def parse_int_list_option(_ctx, _param, value):
@@ -29,7 +45,7 @@ def parse_int_list_option(_ctx, _param, value):
         raise click.BadParameter(f'{value!r} is not a comma-separated list of integers (e.g. 1,2,2)') from None
 
 
-def build_options(opts, world_size):
+def build_options(opts):
     """The reference's training_options dict (same keys, same order) from the parsed options."""
     c = dnnlib.EasyDict()
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data,
@@ -44,7 +60,7 @@ def build_options(opts, world_size):
         c.loss_kwargs.lsun = opts.lsun
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
     if opts.augment:
-        c.augment_kwargs = dnnlib.EasyDict(training_loop.augment_preset(opts.augment))
+        c.augment_kwargs = dnnlib.EasyDict(augment_preset(opts.augment))
         c.network_kwargs.augment_dim = 9
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
     if opts.cbase is not None:
@@ -162,6 +178,87 @@ def check_transfer(path, net):
                                        f'needs {list(tensor.shape)}')
 
 
+def check_combinations(opts, world_size):
+    """Options that are fine alone but not together; ClickException."""
+    try:
+        batch_gpu, _rounds = training_loop.batch_layout(opts.batch, opts.batch_gpu, world_size)
+    except ValueError:
+        raise click.ClickException(f'--batch={opts.batch} must be a multiple of {world_size} process(es) × '
+                                   f'--batch-gpu={opts.batch_gpu or opts.batch // world_size}') from None
+    if opts.stf and opts.rbatch < batch_gpu:
+        raise click.ClickException(f'--rbatch={opts.rbatch} (per process) must be at least the per-process '
+                                   f'micro-batch {batch_gpu}')
+    if opts.transfer is not None and opts.resume is not None:
+        raise click.ClickException('--transfer and --resume cannot be specified at the same time')
+
+
+def plan_start(c, opts, net, resume, run_dir):
+    """Record in c how the run starts: from the training state `resume` (its seed wins), from --transfer, or
+    fresh with --seed (None: drawn later). False when `resume` has already reached --duration."""
+    c.seed = opts.seed
+    if resume is not None:
+        state = check_resume(resume, net, option='--resume' if opts.resume is not None else
+                             f'--name={opts.name} (continuing its latest state)')
+        progress = state['progress']
+        del state
+        if progress['cur_nimg'] >= c.total_kimg * 1000:
+            distributed.print0(f'{resume} is at {progress["cur_nimg"] / 1e3:.3f} kimg: training for '
+                               f'{c.total_kimg} kimg is already complete. Raise --duration to continue.')
+            return False
+        if 'seed' in progress:
+            if opts.seed is not None and opts.seed != progress['seed']:
+                distributed.print0(f'Note: resuming with the checkpoint\'s seed {progress["seed"]}, not --seed='
+                                   f'{opts.seed} (the data order depends on it).')
+            c.seed = int(progress['seed'])
+        if opts.transfer is not None:
+            distributed.print0(f'Note: {run_dir} already holds training states; continuing, --transfer ignored.')
+        c.resume_state_dump = resume
+    elif opts.transfer is not None:
+        check_transfer(opts.transfer, net)
+        c.resume_pkl = opts.transfer
+        c.ema_rampup_ratio = None
+    return True
+
+
+def print_summary(c, opts, resume, world_size):
+    distributed.print0()
+    distributed.print0('Training options:')
+    distributed.print0(json.dumps(c, indent=2))
+    distributed.print0()
+    distributed.print0(f'Output directory:        {c.run_dir}')
+    distributed.print0(f'Dataset path:            {c.dataset_kwargs.path}')
+    distributed.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
+    distributed.print0(f'Network architecture:    {opts.arch}')
+    distributed.print0(f'Preconditioning & loss:  {opts.precond}')
+    distributed.print0(f'PFGM++ D:                {c.D if c.D is not None else "none (diffusion, D→∞)"}')
+    distributed.print0(f'Number of processes:     {world_size}')
+    distributed.print0(f'Batch size:              {c.batch_size}')
+    distributed.print0(f'Mixed-precision:         {c.network_kwargs.use_fp16}')
+    distributed.print0(f'Precision:               {c.precision}{" + torch.compile" if c.compile else ""}'
+                       f'{" + channels-last" if c.channels_last else ""}')
+    if resume is not None:
+        distributed.print0(f'Resuming from:           {resume}')
+    distributed.print0()
+
+
+def launch(c, device):
+    """Create the run directory with training_options.json and log.txt (rank 0), then train."""
+    distributed.print0('Creating output directory...')
+    logger = None
+    if distributed.get_rank() == 0:
+        os.makedirs(c.run_dir, exist_ok=True)
+        with dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'), 'w') as f:
+            json.dump(c, f, indent=2)
+        logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
+    distributed.barrier()
+    try:
+        training_loop.training_loop(**c, device=device)
+    finally:
+        if logger is not None:
+            logger.close()
+        distributed.shutdown()
+
+
 def _random_seed(device):
     seed = torch.randint(1 << 31, size=[], device=device)  # a fresh process: the global RNG is unseeded
     if distributed.get_world_size() > 1:
@@ -259,94 +356,24 @@ def main(**kwargs):
     device = distributed.init()
     resolve_precision(opts, click.get_current_context(), device)
     world_size = distributed.get_world_size()
-
-    c = build_options(opts, world_size)
+    c = build_options(opts)
     data = validate_dataset(c, opts)
-    try:
-        batch_gpu, _rounds = training_loop.batch_layout(opts.batch, opts.batch_gpu, world_size)
-    except ValueError:
-        raise click.ClickException(f'--batch={opts.batch} must be a multiple of {world_size} process(es) × '
-                                   f'--batch-gpu={opts.batch_gpu or opts.batch // world_size}') from None
-    if opts.stf and opts.rbatch < batch_gpu:
-        raise click.ClickException(f'--rbatch={opts.rbatch} (per process) must be at least the per-process '
-                                   f'micro-batch {batch_gpu}')
-    if opts.transfer is not None and opts.resume is not None:
-        raise click.ClickException('--transfer and --resume cannot be specified at the same time')
+    check_combinations(opts, world_size)
     net = expected_network(c, data)
-
     run_dir, latest_state = choose_run_dir(opts, data, world_size)
     resume = opts.resume if opts.resume is not None else latest_state
-    c.seed = opts.seed
-    if resume is not None:
-        state = check_resume(resume, net, option='--resume' if opts.resume is not None else
-                             f'--name={opts.name} (continuing its latest state)')
-        progress = state['progress']
-        del state
-        if progress['cur_nimg'] >= c.total_kimg * 1000:
-            distributed.print0(f'{resume} is at {progress["cur_nimg"] / 1e3:.3f} kimg: training for '
-                               f'{c.total_kimg} kimg is already complete. Raise --duration to continue.')
-            return
-        if 'seed' in progress:
-            if opts.seed is not None and opts.seed != progress['seed']:
-                distributed.print0(f'Note: resuming with the checkpoint\'s seed {progress["seed"]}, not --seed='
-                                   f'{opts.seed} (the data order depends on it).')
-            c.seed = int(progress['seed'])
-        if opts.transfer is not None:
-            distributed.print0(f'Note: {run_dir} already holds training states; continuing, --transfer ignored.')
-        c.resume_kimg = int(progress['cur_nimg']) // 1000
-        c.resume_state_dump = resume
-    elif opts.transfer is not None:
-        check_transfer(opts.transfer, net)
-        c.resume_pkl = opts.transfer
-        c.ema_rampup_ratio = None
+    if not plan_start(c, opts, net, resume, run_dir):
+        return
     del net
     if c.seed is None:
         c.seed = _random_seed(device)
     c.run_dir = run_dir
     c.opts = dict(opts)
-    # Restore the reference's key order: seed before the resume/transfer entries.
-    order = [key for key in c if key not in ('seed', 'resume_pkl', 'ema_rampup_ratio', 'resume_kimg',
-                                             'resume_state_dump', 'run_dir', 'opts')]
-    order += ['seed'] + [key for key in ('resume_pkl', 'ema_rampup_ratio', 'resume_kimg', 'resume_state_dump')
-                         if key in c] + ['run_dir', 'opts']
-    c = dnnlib.EasyDict((key, c[key]) for key in order)
-
-    distributed.print0()
-    distributed.print0('Training options:')
-    distributed.print0(json.dumps(c, indent=2))
-    distributed.print0()
-    distributed.print0(f'Output directory:        {run_dir}')
-    distributed.print0(f'Dataset path:            {c.dataset_kwargs.path}')
-    distributed.print0(f'Class-conditional:       {c.dataset_kwargs.use_labels}')
-    distributed.print0(f'Network architecture:    {opts.arch}')
-    distributed.print0(f'Preconditioning & loss:  {opts.precond}')
-    distributed.print0(f'PFGM++ D:                {c.D if c.D is not None else "none (diffusion, D→∞)"}')
-    distributed.print0(f'Number of processes:     {world_size}')
-    distributed.print0(f'Batch size:              {c.batch_size}')
-    distributed.print0(f'Mixed-precision:         {c.network_kwargs.use_fp16}')
-    distributed.print0(f'Precision:               {c.precision}{" + torch.compile" if c.compile else ""}'
-                       f'{" + channels-last" if c.channels_last else ""}')
-    if resume is not None:
-        distributed.print0(f'Resuming from:           {resume}')
-    distributed.print0()
+    print_summary(c, opts, resume, world_size)
     if opts.dry_run:
         distributed.print0('Dry run; exiting.')
         return
-
-    distributed.print0('Creating output directory...')
-    logger = None
-    if distributed.get_rank() == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with dnnlib.util.atomic_write(os.path.join(run_dir, 'training_options.json'), 'w') as f:
-            json.dump(c, f, indent=2)
-        logger = dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
-    distributed.barrier()
-    try:
-        training_loop.training_loop(**c, device=device)
-    finally:
-        if logger is not None:
-            logger.close()
-        distributed.shutdown()
+    launch(c, device)
 
 
 if __name__ == '__main__':

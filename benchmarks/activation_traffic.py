@@ -26,9 +26,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import dnnlib  # noqa: E402
+import train  # noqa: E402
 from benchmarks import throughput  # noqa: E402
 from torch_utils import precision as precision_mod  # noqa: E402
-from training import training_loop  # noqa: E402
 
 
 class WrittenBytes(TorchDispatchMode):
@@ -159,8 +159,8 @@ def main(archs, modes, batch_train, compile_backend, quick, out):
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     rows = []
     for arch in [a.strip() for a in archs.split(',') if a.strip()]:
-        if arch not in training_loop.ARCH_PRESETS:
-            raise click.BadParameter(f'{arch!r}: choose from {", ".join(training_loop.ARCH_PRESETS)}',
+        if arch not in train.ARCH_PRESETS:
+            raise click.BadParameter(f'{arch!r}: choose from {", ".join(train.ARCH_PRESETS)}',
                                      param_hint='--archs')
         rows += measure(arch, modes, (2, 4), quick)
         if compile_backend:

@@ -31,6 +31,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import dnnlib  # noqa: E402
+from dnnlib.util import error_summary  # noqa: E402
+import train  # noqa: E402
 from benchmarks import profile_summary  # noqa: E402
 from torch_utils import misc  # noqa: E402
 from torch_utils import precision as precision_mod  # noqa: E402
@@ -104,7 +106,7 @@ def parse_modes(_ctx, _param, value):
 
 
 def network_kwargs(arch, quick, dropout, use_fp16=False):
-    kwargs = dict(training_loop.ARCH_PRESETS[arch], class_name='training.networks.EDMPrecond', augment_dim=9,
+    kwargs = dict(train.ARCH_PRESETS[arch], class_name='training.networks.EDMPrecond', augment_dim=9,
                   dropout=dropout, use_fp16=use_fp16)
     if quick:
         kwargs.update(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
@@ -163,7 +165,7 @@ class TrainingRun:
             channels_last=mode.channels_last)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.loss_fn = training_loop.build_loss(dict(class_name='training.loss.EDMLoss', D=D, stf=False))
-        self.augment_pipe = training_loop.build_augment_pipe(training_loop.augment_preset(AUGMENT_P))
+        self.augment_pipe = training_loop.build_augment_pipe(train.augment_preset(AUGMENT_P))
         generator = torch.Generator().manual_seed(1)
         shape = [num_batches, self.batch, 3, s.resolution, s.resolution]
         self.data = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8).to(device)
@@ -374,7 +376,7 @@ class Results:
             with dnnlib.util.atomic_write(self.out + '.md', 'w') as f:
                 f.write(self.markdown())
         except Exception as err:  # a reporting problem must not cost the remaining measurements
-            print(f'could not write {self.out}.md/.json: {_one_line(err)}', flush=True)
+            print(f'could not write {self.out}.md/.json: {error_summary(err)}', flush=True)
 
 
 def _fmt(value, digits):
@@ -390,11 +392,6 @@ def _profile_text(summary):
         return ''
     shares = sorted(profile_summary.category_shares(summary).items(), key=lambda item: -item[1])[:3]
     return f'  [busy {summary["busy"]:.2f}, ' + ', '.join(f'{name} {share:.0f} %' for name, share in shares) + ']'
-
-
-def _one_line(err):
-    text = str(err).strip().splitlines()
-    return f'{type(err).__name__}: {text[0] if text else ""}'[:300]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,6 +412,135 @@ def job_order(archs, modes, parity_modes, ref):
             jobs += [('parity', arch, ref)] + [('parity', arch, m) for m in eager_first]
         jobs += [(kind, arch, m) for m in late for kind in ('train', 'sample')]
     return jobs
+
+
+def _settings(batch_train, batch_sample, nfe, slow_sample_steps, parity_steps, warmup_steps, seconds,
+              compile_backend, device, profile, profile_repeats, quick):
+    """The run's settings as an EasyDict (what the measure_* functions read), --quick's reductions applied."""
+    if quick:
+        batch_train, batch_sample, nfe = min(batch_train, 8), min(batch_sample, 8), 5
+        warmup_steps, seconds, parity_steps = 1, 0, min(parity_steps, 3)
+        if device.type == 'cpu':
+            torch.set_num_threads(1)  # tiny tensors: threads only contend
+    if compile_backend is None:
+        compile_backend = 'eager' if quick and device.type == 'cpu' else 'inductor'
+    return dnnlib.EasyDict(device=device, quick=quick, resolution=8 if quick else 32, batch_train=batch_train,
+                           batch_sample=batch_sample, nfe=nfe, slow_sample_steps=slow_sample_steps,
+                           warmup_steps=warmup_steps, seconds=seconds, min_steps=2 if quick else 5, max_steps=200,
+                           compile_backend=compile_backend, profile=profile, profile_repeats=profile_repeats,
+                           parity_steps=parity_steps)
+
+
+def _meta(s, archs):
+    """The results' header: versions, device, date, command line and how each number was measured."""
+    device = s.device
+    if device.type == 'cuda':
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
+    return dict(
+        _start=time.perf_counter(), torch=torch.__version__, cuda=torch.version.cuda, device_name=device_name,
+        date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'), python=platform.python_version(),
+        command=' '.join([os.path.relpath(sys.argv[0], ROOT) if os.path.isabs(sys.argv[0]) else sys.argv[0]]
+                         + sys.argv[1:]),
+        setup=(f'{"tiny (quick) " if s.quick else ""}EDMPrecond {"/".join(archs)}, {s.resolution}×{s.resolution}×3, '
+               f'PFGM++ D={D:g}. Training: per-GPU batch {s.batch_train}, EDMLoss, train.py AugmentPipe '
+               f'(p={AUGMENT_P}, augment_dim 9), dropout {DROPOUT}, Adam lr {LR:g} (fused on CUDA), EMA, '
+               f'{s.warmup_steps} + 1 warm-up steps then ≥ {s.seconds:g} s timed. Sampling: generate_batch (per-seed '
+               f'prior, edm_sampler, float64 ODE), batch {s.batch_sample}, {s.nfe} NFE; fp32/tf32 eager rows time '
+               f'{2 * min(s.slow_sample_steps, (s.nfe + 1) // 2) - 1} NFE and scale per NFE (measured_nfe). '
+               f'compile s: warm-up time beyond the steady step time. torch.compile backend: {s.compile_backend}. '
+               f'Sampling runs with cuDNN autotuning (generate.py --bench=1).'),
+        profile_note=(f'torch.profiler over {s.profile_repeats} training steps and one 3-NFE sampling batch per mode, '
+                      f'after the timing (compiled and autotuned). device ms: the {"GPU kernels" if device.type == "cuda" else "operators"}\' '
+                      f'own time per step / NFE; busy: device ms / wall ms (well below 1: the device waits for the '
+                      f'host); launches: kernels per step / NFE; then each category\'s share of the device time. '
+                      f'Wall times include the profiler\'s overhead.'),
+        parity_note=(f'Training: {s.parity_steps} optimizer steps per mode from the same initial weights, data and '
+                     f'random stream, dropout off (so eager and compiled modes draw the same numbers); relative '
+                     f'differences of each step\'s mean loss, of the final parameters (param) and of the parameter '
+                     f'change (update) against fp32. "fp32 repeat" is fp32 against itself: the run-to-run noise '
+                     f'floor. Samples: {2 * PARITY_SAMPLE_STEPS - 1}-NFE runs on the same seeds of the sampling '
+                     f'network (its zero-initialised layers redrawn, so the network output matters), in [-1, 1] '
+                     f'units against fp32.'))
+
+
+def _record_status(results, kind, arch, mode, ref, status):
+    if kind == 'parity':
+        results.update_parity('fp32 repeat' if mode is ref else mode.name, status=status)
+    else:
+        results.update_row(arch, mode.name, **{kind: status})
+
+
+def _train_job(arch, mode, s, results):
+    values = measure_training(arch, mode, s)
+    results.update_row(arch, mode.name, train='ok', **values)
+    return (f'{values["train_img_s"]:9.1f} img/s  peak {_fmt(values["peak_gib"], 2)} GiB  compile '
+            f'{values["compile_s"]:.1f} s{_profile_text(values.get("train_profile"))}')
+
+
+def _sample_job(arch, mode, s, results, ref, reference_samples):
+    values, images = measure_sampling(arch, mode, s)
+    if mode is ref:
+        reference_samples[arch] = images
+    if arch in reference_samples:
+        values.update(compare_samples(images, reference_samples[arch]))
+    results.update_row(arch, mode.name, sample='ok', **values)
+    return (f'{values["sample_img_s"]:9.1f} img/s at {s.nfe} NFE (measured {values["measured_nfe"]})  '
+            f'max |Δ| vs fp32 {_fmt(values.get("sample_max_abs_diff"), "e")}'
+            f'{_profile_text(values.get("sample_profile"))}')
+
+
+def _parity_job(arch, mode, s, results, ref, trajectories):
+    if mode is not ref and arch not in trajectories:
+        results.update_parity(mode.name, status='skipped (no fp32 reference run)')
+        return 'skipped (no fp32 reference run)'
+    trajectory = training_trajectory(arch, mode, s, s.parity_steps)
+    if mode is ref:
+        trajectories[arch] = trajectory
+        values = compare_trajectories(training_trajectory(arch, mode, s, s.parity_steps), trajectory)
+        name = 'fp32 repeat'
+    else:
+        values = compare_trajectories(trajectory, trajectories[arch])
+        name = mode.name
+    results.update_parity(name, status='ok', **values)
+    return (f'{name}: loss rel. diff mean {values["loss_rel_diff_mean"]:.1e} max '
+            f'{values["loss_rel_diff_max"]:.1e}, param rel. diff {values["param_rel_diff"]:.1e}')
+
+
+def run_jobs(jobs, s, results, ref, time_budget, start_time):
+    """Run the (kind, arch, mode) jobs in order, recording each in results; one that fails (e.g. a compile error)
+    or would not finish within time_budget is marked so and the run goes on."""
+    reference_samples, trajectories = {}, {}
+    durations = {}  # (kind, compiled) -> seconds of the last such job, to foresee a compile that cannot finish
+    for kind, arch, mode in jobs:
+        label = f'{kind:<6s} {arch:<7s} {mode.name:<38s}'
+        left = time_budget - (time.perf_counter() - start_time)
+        # A compile that cannot finish in time is not started (a parity run compiles like a training run).
+        expected = durations.get(('sample' if kind == 'sample' else 'train', True), 0) if mode.compile else 0
+        if left <= 0 or expected > left:
+            status = f'skipped (time budget {time_budget:g} s)'
+            _record_status(results, kind, arch, mode, ref, status)
+            print(f'{label} {status}', flush=True)
+            continue
+        start = time.perf_counter()
+        try:
+            if kind == 'train':
+                text = _train_job(arch, mode, s, results)
+            elif kind == 'sample':
+                text = _sample_job(arch, mode, s, results, ref, reference_samples)
+            else:
+                text = _parity_job(arch, mode, s, results, ref, trajectories)
+            duration = time.perf_counter() - start
+            if kind != 'parity' or mode.compile:
+                durations[('sample' if kind == 'sample' else 'train', mode.compile)] = duration
+            print(f'{label} {text}  ({duration:.0f} s)', flush=True)
+        except Exception as err:  # one mode failing (e.g. a compile error) must not end the run
+            failure = f'{type(err).__name__}: {error_summary(err)}'[:300]
+            _record_status(results, kind, arch, mode, ref, f'failed: {failure}')
+            print(f'{label} FAILED {failure}', flush=True)
+            torch._dynamo.reset()
+            release(s.device)
 
 
 @click.command()
@@ -460,122 +586,19 @@ def main(archs, modes, batch_train, batch_sample, nfe, slow_sample_steps, parity
     ref = Mode('ref')
     modes = [ref] + [m for m in modes if m.name != 'ref']
     parity_modes = [m for m in parity_modes if m.name != 'ref'] if parity_steps else []
-    if quick:
-        batch_train, batch_sample, nfe = min(batch_train, 8), min(batch_sample, 8), 5
-        warmup_steps, seconds, parity_steps = 1, 0, min(parity_steps, 3)
-        if device.type == 'cpu':
-            torch.set_num_threads(1)  # tiny tensors: threads only contend
-    if compile_backend is None:
-        compile_backend = 'eager' if quick and device.type == 'cpu' else 'inductor'
+    s = _settings(batch_train, batch_sample, nfe, slow_sample_steps, parity_steps, warmup_steps, seconds,
+                  compile_backend, device, profile, profile_repeats, quick)
     out = os.path.splitext(out)[0] if out and os.path.splitext(out)[1] in ('.md', '.json') else out
-    s = dnnlib.EasyDict(device=device, quick=quick, resolution=8 if quick else 32, batch_train=batch_train,
-                        batch_sample=batch_sample, nfe=nfe, slow_sample_steps=slow_sample_steps,
-                        warmup_steps=warmup_steps, seconds=seconds, min_steps=2 if quick else 5, max_steps=200,
-                        compile_backend=compile_backend, profile=profile, profile_repeats=profile_repeats)
-
-    if device.type == 'cuda':
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = f'CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
-    meta = dict(
-        _start=time.perf_counter(), torch=torch.__version__, cuda=torch.version.cuda, device_name=device_name,
-        date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'), python=platform.python_version(),
-        command=' '.join([os.path.relpath(sys.argv[0], ROOT) if os.path.isabs(sys.argv[0]) else sys.argv[0]]
-                         + sys.argv[1:]),
-        setup=(f'{"tiny (quick) " if quick else ""}EDMPrecond {"/".join(archs)}, {s.resolution}×{s.resolution}×3, '
-               f'PFGM++ D={D:g}. Training: per-GPU batch {batch_train}, EDMLoss, train.py AugmentPipe '
-               f'(p={AUGMENT_P}, augment_dim 9), dropout {DROPOUT}, Adam lr {LR:g} (fused on CUDA), EMA, '
-               f'{warmup_steps} + 1 warm-up steps then ≥ {s.seconds:g} s timed. Sampling: generate_batch (per-seed '
-               f'prior, edm_sampler, float64 ODE), batch {batch_sample}, {nfe} NFE; fp32/tf32 eager rows time '
-               f'{2 * min(slow_sample_steps, (nfe + 1) // 2) - 1} NFE and scale per NFE (measured_nfe). '
-               f'compile s: warm-up time beyond the steady step time. torch.compile backend: {compile_backend}. '
-               f'Sampling runs with cuDNN autotuning (generate.py --bench=1).'),
-        profile_note=(f'torch.profiler over {profile_repeats} training steps and one 3-NFE sampling batch per mode, '
-                      f'after the timing (compiled and autotuned). device ms: the {"GPU kernels" if device.type == "cuda" else "operators"}\' '
-                      f'own time per step / NFE; busy: device ms / wall ms (well below 1: the device waits for the '
-                      f'host); launches: kernels per step / NFE; then each category\'s share of the device time. '
-                      f'Wall times include the profiler\'s overhead.'),
-        parity_note=(f'Training: {parity_steps} optimizer steps per mode from the same initial weights, data and '
-                     f'random stream, dropout off (so eager and compiled modes draw the same numbers); relative '
-                     f'differences of each step\'s mean loss, of the final parameters (param) and of the parameter '
-                     f'change (update) against fp32. "fp32 repeat" is fp32 against itself: the run-to-run noise '
-                     f'floor. Samples: {2 * PARITY_SAMPLE_STEPS - 1}-NFE runs on the same seeds of the sampling '
-                     f'network (its zero-initialised layers redrawn, so the network output matters), in [-1, 1] '
-                     f'units against fp32.'))
+    meta = _meta(s, archs)
     results = Results(out, meta, archs, modes, (['fp32 repeat'] if parity_modes else []) +
                       [m.name for m in parity_modes])
     results.write()
     print(f'torch {torch.__version__} (CUDA {torch.version.cuda}) on {meta["device_name"]}, {meta["date"]}')
     print(meta['setup'])
-
-    jobs = job_order(archs, modes, parity_modes, ref)
-    reference_samples = {}
-    trajectories = {}
-    durations = {}  # (kind, compiled) -> seconds of the last such job, to foresee a compile that cannot finish
-    for kind, arch, mode in jobs:
-        label = f'{kind:<6s} {arch:<7s} {mode.name:<38s}'
-        left = time_budget - (time.perf_counter() - meta['_start'])
-        # A compile that cannot finish in time is not started (a parity run compiles like a training run).
-        expected = durations.get(('sample' if kind == 'sample' else 'train', True), 0) if mode.compile else 0
-        if left <= 0 or expected > left:
-            status = f'skipped (time budget {time_budget:g} s)'
-            if kind == 'parity':
-                for name in (['fp32 repeat'] if mode is ref else [mode.name]):
-                    results.update_parity(name, status=status)
-            else:
-                results.update_row(arch, mode.name, **{kind: status})
-            print(f'{label} {status}', flush=True)
-            continue
-        start = time.perf_counter()
-        try:
-            if kind == 'train':
-                values = measure_training(arch, mode, s)
-                results.update_row(arch, mode.name, train='ok', **values)
-                text = (f'{values["train_img_s"]:9.1f} img/s  peak {_fmt(values["peak_gib"], 2)} GiB  compile '
-                        f'{values["compile_s"]:.1f} s{_profile_text(values.get("train_profile"))}')
-            elif kind == 'sample':
-                values, images = measure_sampling(arch, mode, s)
-                if mode is ref:
-                    reference_samples[arch] = images
-                if arch in reference_samples:
-                    values.update(compare_samples(images, reference_samples[arch]))
-                results.update_row(arch, mode.name, sample='ok', **values)
-                text = (f'{values["sample_img_s"]:9.1f} img/s at {nfe} NFE (measured {values["measured_nfe"]})  '
-                        f'max |Δ| vs fp32 {_fmt(values.get("sample_max_abs_diff"), "e")}'
-                        f'{_profile_text(values.get("sample_profile"))}')
-            elif mode is not ref and arch not in trajectories:
-                results.update_parity(mode.name, status='skipped (no fp32 reference run)')
-                text = 'skipped (no fp32 reference run)'
-            else:
-                trajectory = training_trajectory(arch, mode, s, parity_steps)
-                if mode is ref:
-                    trajectories[arch] = trajectory
-                    values = compare_trajectories(training_trajectory(arch, mode, s, parity_steps), trajectory)
-                    name = 'fp32 repeat'
-                else:
-                    values = compare_trajectories(trajectory, trajectories[arch])
-                    name = mode.name
-                results.update_parity(name, status='ok', **values)
-                text = (f'{name}: loss rel. diff mean {values["loss_rel_diff_mean"]:.1e} max '
-                        f'{values["loss_rel_diff_max"]:.1e}, param rel. diff {values["param_rel_diff"]:.1e}')
-            duration = time.perf_counter() - start
-            if kind != 'parity' or mode.compile:
-                durations[('sample' if kind == 'sample' else 'train', mode.compile)] = duration
-            print(f'{label} {text}  ({duration:.0f} s)', flush=True)
-        except Exception as err:  # one mode failing (e.g. a compile error) must not end the run
-            status = f'failed: {_one_line(err)}'
-            if kind == 'parity':
-                results.update_parity('fp32 repeat' if mode is ref else mode.name, status=status)
-            else:
-                results.update_row(arch, mode.name, **{kind: status})
-            print(f'{label} FAILED {_one_line(err)}', flush=True)
-            torch._dynamo.reset()
-            release(device)
-
+    run_jobs(job_order(archs, modes, parity_modes, ref), s, results, ref, time_budget, meta['_start'])
     results.write()
     print()
     print(results.markdown())
-
 
 if __name__ == '__main__':
     main()

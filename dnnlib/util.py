@@ -38,10 +38,36 @@ def parse_int_list(value):
     return result
 
 
-def error_summary(error):
-    """One line for a user: the first non-empty line of an exception's message, or its type name if it has none."""
+def check_choice(name, value, choices):
+    """ValueError unless `value` is one of `choices`; the message names the option and the choices."""
+    if value not in choices:
+        raise ValueError(f'{name} must be one of {", ".join(choices)}, got {value!r}')
+
+
+def plain_data(value):
+    """`value` as plain data, safe for JSON and for torch.load(weights_only=True): dicts (str keys) and lists of
+    str, int, float, bool and None. Tuples become lists, numpy and torch scalars Python numbers, anything else
+    its str()."""
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if hasattr(value, 'item') and getattr(value, 'ndim', None) == 0:  # numpy / torch scalar
+        return value.item()
+    return str(value)
+
+
+def error_summary(error, last=False):
+    """One line for a user: the first non-empty line of an exception's message, or its type name if it has none.
+    last: the last non-empty line instead, where the message ends a traceback (a DataLoader worker's error)."""
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    return lines[-1 if last else 0] if lines else type(error).__name__
 
 
 def format_time(seconds):

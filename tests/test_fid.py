@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import fid
 from data_helpers import make_image_zip, random_images
+from torch_utils import distributed
 from training import fid_stats
 
 # ---------------------------------------------------------------------------------------------- formulas
@@ -87,6 +88,35 @@ def test_statistics_are_float64_mean_and_unbiased_covariance(tmp_path):
     np.testing.assert_allclose(mu_subset, features[np.sort(order[:5])].mean(0), rtol=1e-12)
     with pytest.raises(ValueError, match='Found 11 images .* expected at least 12'):
         fid_stats.calculate_inception_stats(path, detector=PixelFeatures(), num_expected=12, device='cpu')
+
+
+def test_rank_batches_is_the_reference_sharding():
+    # 10 items, batches of 3, 2 ranks: (9 // 6 + 1) · 2 = 4 near-equal chunks, rank r takes chunks r and r + 2.
+    assert distributed.rank_batches(range(10), 3, rank=0, world_size=2) == [[0, 1, 2], [6, 7]]
+    assert distributed.rank_batches(range(10), 3, rank=1, world_size=2) == [[3, 4, 5], [8, 9]]
+    for n, batch, world in [(1, 4, 3), (11, 3, 1), (64, 8, 3), (100, 7, 4)]:
+        shares = [distributed.rank_batches(list(range(100, 100 + n)), batch, r, world) for r in range(world)]
+        flat = sorted(item for share in shares for chunk in share for item in chunk)
+        assert flat == list(range(100, 100 + n))  # every item once, on one rank
+        assert all(0 < len(chunk) <= batch for share in shares for chunk in share)
+    assert distributed.rank_batches([], 4, 0, 1) == []
+
+
+def test_url_download_is_cached_once_and_failures_are_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv('PFGMPP_CACHE', str(tmp_path / 'cache'))
+    source = tmp_path / 'ref.npz'
+    fid_stats.save_reference_stats(source, np.arange(3.0), np.eye(3))
+    url = source.as_uri()  # file:// goes through the same download path as http(s), offline
+    path = fid_stats.open_local_or_url(url)
+    assert os.path.basename(path).endswith('_ref.npz') and os.path.dirname(path) == str(tmp_path / 'cache')
+    assert open(path, 'rb').read() == source.read_bytes()
+    source.unlink()
+    assert fid_stats.open_local_or_url(url) == path  # cached: not fetched again
+    np.testing.assert_array_equal(fid_stats.load_reference_stats(url)['mu'], np.arange(3.0))
+    with pytest.raises(FileNotFoundError, match='^Cannot download file://.*missing.npz') as error:
+        fid_stats.open_local_or_url((tmp_path / 'missing.npz').as_uri())
+    assert '\n' not in str(error.value)
+    assert sorted(os.listdir(tmp_path / 'cache')) == [os.path.basename(path)]  # nothing half-written
 
 
 def test_reference_npz_validation(tmp_path):

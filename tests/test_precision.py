@@ -28,7 +28,7 @@ def tiny_net(arch, dropout=0.0):
     """A tiny PFGM++ network whose every layer has unit gain (a fresh network's near-zero output layers would
     make D(x) ≈ c_skip·x and hide any precision error)."""
     torch.manual_seed(0)
-    kwargs = dict(training_loop.ARCH_PRESETS[arch], class_name='training.networks.EDMPrecond', model_channels=16,
+    kwargs = dict(train.ARCH_PRESETS[arch], class_name='training.networks.EDMPrecond', model_channels=16,
                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], augment_dim=9, dropout=dropout)
     net = training_loop.build_network(kwargs, 8, 3, 0, 128.0)
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_bf16_denoiser_and_loss_within_bf16_tolerance(arch, mode):
 
     # The loss on the same images and random stream (σ, PFGM++ noise, augmentation): float32, within 1 %.
     loss_fn = loss.EDMLoss(D=128)
-    pipe = augment.AugmentPipe(**{k: v for k, v in training_loop.augment_preset(0.5).items() if k != 'class_name'})
+    pipe = augment.AugmentPipe(**{k: v for k, v in train.augment_preset(0.5).items() if k != 'class_name'})
     images = torch.rand([6, 3, 8, 8], generator=torch.Generator().manual_seed(2)) * 2 - 1
     torch.manual_seed(5)
     reference_loss = loss_fn(net, images, None, augment_pipe=pipe)

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_helpers import make_image_zip
 from torch_utils import misc, training_stats
+import train
 from training import checkpoint, training_loop
 
 
@@ -189,7 +190,7 @@ def test_training_step_never_waits_for_the_device(loss_kwargs):
     optimizer = training_loop.build_optimizer(_options('')['optimizer_kwargs'], net.parameters(), fused=True)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     loss_fn = training_loop.build_loss(loss_kwargs)
-    augment_pipe = training_loop.build_augment_pipe(training_loop.augment_preset(0.5))
+    augment_pipe = training_loop.build_augment_pipe(train.augment_preset(0.5))
     images = torch.rand([8, 3, 8, 8]) * 2 - 1
     batch = (images[:4], torch.zeros([4, 0]), images)  # STF: 4 trained on, all 8 as the reference set
     for _ in range(2):  # the first step also creates Adam's state

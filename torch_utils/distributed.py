@@ -42,6 +42,19 @@ def get_world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def rank_batches(items, batch_size, rank=None, world_size=None):
+    """This process's share of `items` in batches of at most batch_size, the reference's sharding: the items are
+    cut into ((n−1)//(batch·world)+1)·world near-equal consecutive chunks and rank r takes chunks r, r+world, ...
+    rank, world_size: default this process's. Returns a list of lists (no empty ones)."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    if len(items) == 0:
+        return []
+    num_batches = ((len(items) - 1) // (batch_size * world_size) + 1) * world_size
+    chunks = torch.as_tensor(items, dtype=torch.int64).tensor_split(num_batches)
+    return [chunk.tolist() for chunk in chunks[rank::world_size] if len(chunk)]
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

@@ -1,7 +1,6 @@
 """Small training helpers: a resumable infinite sampler, weight copying, DDP checks, RNG state capture, and the
 module summary table printed at the start of training."""
 
-import re
 import contextlib
 
 import numpy as np
@@ -86,13 +85,12 @@ def ddp_sync(module, sync):
 
 
 @torch.no_grad()
-def check_ddp_consistency(module, ignore_regex=None):
+def check_ddp_consistency(module):
     """Raise ValueError if any parameter or buffer differs from rank 0's copy (a collective: call on all ranks).
     The tensors are flattened into one vector, so this costs a single broadcast."""
     if distributed.get_world_size() == 1:
         return
-    named = [(name, tensor) for name, tensor in list(module.named_parameters()) + list(module.named_buffers())
-             if ignore_regex is None or not re.fullmatch(ignore_regex, name)]
+    named = list(module.named_parameters()) + list(module.named_buffers())
     if not named:
         return
     flat = torch.cat([tensor.detach().to(torch.float64).flatten() for _name, tensor in named])
@@ -130,9 +128,9 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state['cuda'], device)
 
 
-def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
+def print_module_summary(module, inputs, max_nesting=3):
     """Run `module(*inputs)` once and print a table of its submodules: parameters, buffers, output shape, dtype.
-    Returns the outputs."""
+    Containers that hold no tensors of their own and return at most one output are left out. Returns the outputs."""
     entries = []
     nesting = [0]
 
@@ -161,8 +159,7 @@ def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
         params = [t for t in mod.parameters() if id(t) not in seen]
         buffers = [t for t in mod.buffers() if id(t) not in seen]
         seen.update(id(t) for t in params + buffers)
-        if skip_redundant and not params and not buffers and mod is not module and len(outs) <= 1 \
-                and len(list(mod.children())) > 0:
+        if not params and not buffers and mod is not module and len(outs) <= 1 and len(list(mod.children())) > 0:
             continue
         num_params = sum(t.numel() for t in params)
         num_buffers = sum(t.numel() for t in buffers)

@@ -44,14 +44,11 @@ def report0(name, value):
 
 
 class Collector:
-    """Reads the counters whose names fully match `regex`: everything reported since the last update().
+    """Reads the counters whose names fully match `regex`: everything reported since the last update(). A name
+    that got no new values keeps the statistics of the previous update."""
 
-    keep_previous: a name that got no new values keeps the statistics of the previous update.
-    """
-
-    def __init__(self, regex='.*', keep_previous=True):
+    def __init__(self, regex='.*'):
         self._regex = re.compile(regex)
-        self._keep_previous = keep_previous
         self._moments = dict()  # name -> float64 CPU tensor [count, sum, sum of squares]
 
     def names(self):
@@ -75,7 +72,7 @@ class Collector:
             dist.all_reduce(deltas)
         deltas = deltas.cpu()
         for name, delta in zip(names, deltas):
-            if delta[0] == 0 and self._keep_previous and name in self._moments:
+            if delta[0] == 0 and name in self._moments:
                 continue
             self._moments[name] = delta
 

@@ -24,14 +24,16 @@ import zipfile
 import torch
 
 from dnnlib.util import atomic_write, error_summary
+from training.errors import CheckpointError
+from training.legacy import load_legacy_network
+from training.networks import build_network
+
+__all__ = ['CheckpointError', 'FORMAT', 'VERSION', 'state_file_name', 'checkpoint_kimg', 'find_checkpoints',
+           'save_training_state', 'load_training_state', 'network_from_state', 'load_network']
 
 FORMAT = 'pfgmpp-training-state'
 VERSION = 1
 STATE_NAME_RE = re.compile(r'training-state-(\d+)\.pt')
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or not of a kind we can read. The message says which and why."""
 
 
 def state_file_name(kimg):
@@ -101,7 +103,6 @@ def _validated(state, path):
 
 def network_from_state(state, which='ema'):
     """Build the network described by a loaded training state and fill in its `which` weights (eval mode, CPU)."""
-    from training.networks import build_network
     try:
         net = build_network(state['network_config'])
         net.load_state_dict(state[which], strict=True)
@@ -123,5 +124,4 @@ def load_network(path, which='ema'):
             state = None
     if isinstance(state, dict) and state.get('format') == FORMAT:
         return network_from_state(_validated(state, path), which=which)
-    from training.legacy import load_legacy_network
     return load_legacy_network(path)

@@ -185,10 +185,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return onehot
         return label.copy()
 
-    def get_fname(self, idx):
-        """Archive-relative file name of item `idx`."""
-        return self._image_fnames[self._raw_idx[idx]]
-
     def close(self):
         if self._zipfile is not None:
             self._zipfile.close()
@@ -210,10 +206,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     @property
     def path(self):
         return self._path
-
-    @property
-    def raw_shape(self):
-        return list(self._raw_shape)
 
     @property
     def image_shape(self):

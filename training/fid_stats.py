@@ -17,6 +17,7 @@ rounding.
 """
 
 import hashlib
+import http.client
 import importlib.util
 import os
 import pickle
@@ -78,19 +79,18 @@ def resize_like_tf1(images, size=DETECTOR_RESOLUTION):
 
 
 def _download(url):
-    """Fetch `url` once into the cache folder ($PFGMPP_CACHE or ~/.cache/pfgmpp) and return the local path."""
-    import requests  # only needed online
+    """Fetch `url` once into the cache folder ($PFGMPP_CACHE or ~/.cache/pfgmpp) and return the local path.
+
+    No content hash is checked (download_url_to_file's hash_prefix): --detector takes any URL, whose SHA-256 we
+    cannot know; load_detector prints the file's SHA-1 instead. The file name carries a hash of the URL."""
     cache_dir = os.environ.get('PFGMPP_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'pfgmpp'))
     path = os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest()[:16] + '_' + os.path.basename(url))
     if not os.path.isfile(path):
-        try:
-            with requests.get(url, stream=True, timeout=60) as response:
-                response.raise_for_status()
-                with atomic_write(path) as f:
-                    for chunk in response.iter_content(1 << 20):
-                        f.write(chunk)
-        except requests.RequestException as error:
-            raise FileNotFoundError(f'Cannot download {url} ({error}); {INSTALL_HINT}') from None
+        os.makedirs(cache_dir, exist_ok=True)
+        try:  # written to a temporary file beside `path` and renamed when complete
+            torch.hub.download_url_to_file(url, path, progress=False)
+        except (OSError, ValueError, http.client.HTTPException) as error:  # URLError and HTTPError are OSErrors
+            raise FileNotFoundError(f'Cannot download {url} ({error_summary(error)}); {INSTALL_HINT}') from None
     return path
 
 
@@ -193,10 +193,8 @@ def calculate_inception_stats(image_path, detector=None, num_expected=None, seed
         detector = load_detector(detector, device=device)
     dataset = open_image_set(image_path, num_expected=num_expected, seed=seed)
     rank, world = dist.get_rank(), dist.get_world_size()
-    num_batches = ((len(dataset) - 1) // (max_batch_size * world) + 1) * world
-    rank_batches = torch.arange(len(dataset)).tensor_split(num_batches)[rank::world]
     loader_kwargs = dict(prefetch_factor=2, persistent_workers=False) if num_workers > 0 else {}
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[b.tolist() for b in rank_batches if len(b)],
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=dist.rank_batches(range(len(dataset)), max_batch_size),
                                          num_workers=num_workers, **loader_kwargs)
 
     feature_sum = torch.zeros(FEATURE_DIM, dtype=torch.float64, device=device)

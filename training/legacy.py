@@ -22,8 +22,9 @@ import zipfile
 import numpy as np
 import torch
 
-from dnnlib.util import EasyDict, error_summary
-from training.checkpoint import CheckpointError
+from dnnlib.util import EasyDict, error_summary, plain_data
+from training.errors import CheckpointError
+from training.networks import build_network
 
 __all__ = ['LegacyObject', 'load_legacy_pickle', 'legacy_network_config', 'legacy_state_dict',
            'load_legacy_network']
@@ -164,7 +165,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _load_zip(path):
-    """torch.save's zip format: <prefix>/data.pkl plus one raw file per storage in <prefix>/data/."""
+    """torch.save's zip format: <prefix>/data.pkl plus one raw file per storage in <prefix>/data/.
+
+    Not torch.load(weights_only=True) under torch.serialization.safe_globals, although that reads these files too
+    (tried with torch 2.13: the names above mapped to our records, plus every numpy DType class). safe_globals
+    came with torch 2.5 (requirements.txt allows 2.1), and torch's refusal of a foreign global says in its first
+    line "Re-running torch.load with weights_only set to False will likely succeed", the one thing not to do with
+    these files; here a refusal names the global, as for the plain pickles, and both formats share one list."""
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith('data.pkl')]
@@ -202,26 +209,16 @@ def load_legacy_pickle(path):
         raise CheckpointError(f'{path}: not a readable network file ({error_summary(err)})') from None
 
 
-def _plain(value):
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def legacy_network_config(record):
     """Our network config from a reference preconditioner record. P's EDMPrecond stores pfgmpp and D; its
     VEPrecond takes them as arguments without storing D; EDM's networks have neither (D = None, diffusion)."""
     if not isinstance(record, LegacyObject) or record.class_name not in PRECONDITIONERS:
         found = record.class_name if isinstance(record, LegacyObject) else type(record).__name__
         raise ValueError(f'expected a preconditioned network ({", ".join(PRECONDITIONERS)}), found {found}')
-    kwargs = dict(_plain(record.state.get('_init_kwargs') or {}))
+    kwargs = dict(plain_data(record.state.get('_init_kwargs') or {}))
     args = list(record.state.get('_init_args') or ())
     for name, value in zip(('img_resolution', 'img_channels', 'label_dim', 'use_fp16'), args):
-        kwargs[name] = _plain(value)
+        kwargs[name] = plain_data(value)
     pfgmpp = kwargs.pop('pfgmpp', False)
     D = kwargs.pop('D', None)
     return dict(class_name=record.class_name, **kwargs, D=float(D) if pfgmpp and D is not None else None)
@@ -246,7 +243,6 @@ def legacy_state_dict(record, prefix=''):
 
 def load_legacy_network(path, key='ema'):
     """Our network (eval mode, CPU) with the weights of a reference network file's `key` entry."""
-    from training.networks import build_network
     data = load_legacy_pickle(path)
     if isinstance(data, dict) and key in data:
         record = data[key]

@@ -13,6 +13,7 @@ Randomness comes from the global torch RNG on the images' device, whose state th
 import torch
 
 from training import pfgmpp
+from training.schedules import vp_sigma
 
 __all__ = ['VPLoss', 'VELoss', 'EDMLoss', 'build_loss']
 
@@ -88,9 +89,8 @@ class VPLoss(_DenoisingLoss):
         return {'beta_d': self.beta_d, 'beta_min': self.beta_min, 'epsilon_t': self.epsilon_t}
 
     def sigma_of_t(self, t):
-        """σ_VP(t) = √(exp(½β_d t² + β_min t) − 1)."""
-        t = torch.as_tensor(t)
-        return (0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp().sub(1).sqrt()
+        """σ_VP(t) = √(exp(½β_d t² + β_min t) − 1) (training.schedules)."""
+        return vp_sigma(torch.as_tensor(t), self.beta_d, self.beta_min)
 
     def sample_sigma(self, batch_size, device):
         u = torch.rand(batch_size, device=device)

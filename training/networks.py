@@ -16,7 +16,9 @@ import math
 import torch
 from torch.nn import functional as F
 
+from dnnlib.util import check_choice, plain_data
 from training.pfgmpp import check_aug_dim
+from training.schedules import vp_sigma, vp_sigma_inv
 
 __all__ = [
     'weight_init', 'Linear', 'Conv2d', 'GroupNorm', 'attention', 'PositionalEmbedding', 'FourierEmbedding',
@@ -274,9 +276,9 @@ class SongUNet(torch.nn.Module):
                  channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.10,
                  label_dropout=0, embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
                  decoder_type='standard', resample_filter=(1, 1)):
-        _check_choice('embedding_type', embedding_type, ('positional', 'fourier'))
-        _check_choice('encoder_type', encoder_type, ('standard', 'skip', 'residual'))
-        _check_choice('decoder_type', decoder_type, ('standard', 'skip'))
+        check_choice('embedding_type', embedding_type, ('positional', 'fourier'))
+        check_choice('encoder_type', encoder_type, ('standard', 'skip', 'residual'))
+        check_choice('decoder_type', decoder_type, ('standard', 'skip'))
         _check_levels(img_resolution, channel_mult)
         super().__init__()
         self.label_dropout = label_dropout
@@ -461,43 +463,28 @@ MODEL_TYPES = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
 _MODEL_FIXED_ARGS = ('img_resolution', 'in_channels', 'out_channels', 'label_dim')  # set by the preconditioner
 
 
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f'{name} must be one of {", ".join(choices)}, got {value!r}')
-
-
 def _check_levels(img_resolution, channel_mult):
     if len(channel_mult) < 1 or img_resolution >> (len(channel_mult) - 1) < 1:
         raise ValueError(f'channel_mult {list(channel_mult)} has too many levels for {img_resolution}x'
                          f'{img_resolution} images (each level halves the resolution)')
 
 
-def _plain(value):
-    """Turn tuples into lists and numpy scalars into Python numbers, so a config is JSON- and weights_only-safe."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (bool, str, type(None))):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if hasattr(value, 'item'):  # numpy / torch scalar
-        return value.item()
-    return float(value) if isinstance(value, float) else value
+def _model_parameters(model_type):
+    """The constructor parameters of the model class `model_type`; ValueError for an unknown one."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f'unknown model_type {model_type!r}; expected one of {", ".join(MODEL_TYPES)}')
+    return inspect.signature(MODEL_TYPES[model_type]).parameters
 
 
 def _model_config(model_type, model_kwargs):
     """All constructor kwargs of the model (defaults filled in); ValueError for unknown types or kwargs."""
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f'unknown model_type {model_type!r}; expected one of {", ".join(MODEL_TYPES)}')
-    params = inspect.signature(MODEL_TYPES[model_type]).parameters
+    params = _model_parameters(model_type)
     config = {name: p.default for name, p in params.items() if name not in _MODEL_FIXED_ARGS}
     for key, value in model_kwargs.items():
         if key not in config:
             raise ValueError(f'{model_type} has no constructor argument {key!r}')
         config[key] = value
-    return _plain(config)
+    return plain_data(config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -521,7 +508,7 @@ class _Preconditioner(torch.nn.Module):
             out_channels=model_out_channels or self.img_channels, label_dim=self.label_dim, **full_model_kwargs)
         self._config = dict(class_name=type(self).__name__, img_resolution=self.img_resolution,
                             img_channels=self.img_channels, label_dim=self.label_dim, use_fp16=self.use_fp16,
-                            D=self.D, **_plain(own_kwargs), model_type=model_type, **full_model_kwargs)
+                            D=self.D, **plain_data(own_kwargs), model_type=model_type, **full_model_kwargs)
 
     @property
     def config(self):
@@ -576,14 +563,10 @@ class VPPrecond(_Preconditioner):
         self.sigma_max = float(self.sigma(1))
 
     def sigma(self, t):
-        t = torch.as_tensor(t, dtype=torch.float32)
-        return ((0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp() - 1).sqrt()
+        return vp_sigma(torch.as_tensor(t, dtype=torch.float32), self.beta_d, self.beta_min)
 
     def sigma_inv(self, sigma):
-        # log1p(σ²) rather than the reference's log(1 + σ²): same formula, no float32 cancellation at small σ
-        # (the reference's c_noise is ~1% off at σ = 0.002).
-        sigma = torch.as_tensor(sigma)
-        return ((self.beta_min ** 2 + 2 * self.beta_d * sigma.square().log1p()).sqrt() - self.beta_min) / self.beta_d
+        return vp_sigma_inv(torch.as_tensor(sigma), self.beta_d, self.beta_min)
 
     def precondition(self, sigma):
         c_skip = torch.ones_like(sigma)
@@ -706,9 +689,7 @@ def build_network(config):
     cls = PRECONDITIONERS[class_name]
     own = [name for name, p in inspect.signature(cls).parameters.items() if p.kind != p.VAR_KEYWORD]
     model_type = kwargs.get('model_type', inspect.signature(cls).parameters['model_type'].default)
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f'unknown model_type {model_type!r}; expected one of {", ".join(MODEL_TYPES)}')
-    model_params = inspect.signature(MODEL_TYPES[model_type]).parameters
+    model_params = _model_parameters(model_type)
     for key in kwargs:
         if key not in own and (key not in model_params or key in _MODEL_FIXED_ARGS):
             raise ValueError(f'network config key {key!r} is not an argument of {class_name} or {model_type}')

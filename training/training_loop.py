@@ -17,6 +17,7 @@ Resume is exact: a training state holds the network, EMA, Adam, cur_nimg, the ti
 data stream and every process's RNG states (torch CPU/CUDA, numpy); see training/checkpoint.py.
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -30,27 +31,6 @@ import dnnlib
 from torch_utils import distributed, misc, training_stats
 from torch_utils import precision as precision_mod
 from training import augment, checkpoint, dataset, loss, networks
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# train.py's presets (the reference's --arch choices and its --augment pipeline); the benchmark uses them too.
-
-ARCH_PRESETS = {
-    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
-                   decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
-                   channel_mult=[2, 2, 2]),
-    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual',
-                   decoder_type='standard', channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128,
-                   channel_mult=[2, 2, 2]),
-    'adm': dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
-}
-
-
-def augment_preset(p):
-    """train.py's AugmentPipe options for --augment=p: x-flips always armed, the geometric ops with probability p
-    (9 augmentation labels for the network's augment_dim)."""
-    return dict(class_name='training.augment.AugmentPipe', p=p, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
-                translate_frac=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,15 +250,15 @@ def _next_batch(data_iter, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The loop: set up (data, network, optimizer), restore a training state, then steps grouped into ticks.
 
 
 def training_loop(
     run_dir='.', dataset_kwargs={}, data_loader_kwargs={}, network_kwargs={}, loss_kwargs={}, optimizer_kwargs={},
     augment_kwargs=None, seed=0, batch_size=512, batch_gpu=None, total_kimg=200000, ema_halflife_kimg=500,
     ema_rampup_ratio=0.05, lr_rampup_kimg=10000, loss_scaling=1, kimg_per_tick=50, snapshot_ticks=50,
-    state_dump_ticks=500, resume_pkl=None, resume_state_dump=None, resume_kimg=0, cudnn_benchmark=True,
-    stf=False, rbatch=4096, D=None, pfgmpp=None, opts=None, precision=None, compile=False, channels_last=False,
-    device=None,
+    state_dump_ticks=500, resume_pkl=None, resume_state_dump=None, cudnn_benchmark=True, stf=False, rbatch=4096,
+    D=None, pfgmpp=None, opts=None, precision=None, compile=False, channels_last=False, device=None,
 ):
     """Train; returns EasyDict(net, ema, cur_nimg). Options are the training_options.json entries (see train.py).
 
@@ -290,158 +270,198 @@ def training_loop(
     snapshot_ticks is accepted for compatibility: only training states are written (every state_dump_ticks).
     pfgmpp and opts are recorded for the reader and not used (D decides: None = EDM).
     """
-    training_options = {key: value for key, value in locals().items() if key != 'device'}
-    device = torch.device(device) if device is not None else distributed.device()
-    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    options = dnnlib.EasyDict({key: value for key, value in locals().items() if key != 'device'})
     start_time = time.time()
+    run = _set_up(options, device)
+    cur_nimg = _train(run, options, start_time)
+    if run.world_size > 1:
+        misc.check_ddp_consistency(run.net)
+        misc.check_ddp_consistency(run.ema)
+        distributed.print0(f'Network and EMA weights are identical on all {run.world_size} processes.')
+    distributed.print0()
+    distributed.print0('Exiting...')
+    return dnnlib.EasyDict(net=run.net, ema=run.ema, cur_nimg=cur_nimg)
 
-    batch_gpu, num_accumulation_rounds = batch_layout(batch_size, batch_gpu, world_size)
-    batch_gpu_total = batch_size // world_size
-    if stf and rbatch < batch_gpu:
-        raise ValueError(f'rbatch ({rbatch} per process) must be at least the micro-batch ({batch_gpu})')
-    loader_batch = rbatch if stf else batch_gpu
-    network_kwargs, precision = _resolve_precision(network_kwargs, precision)
-    training_options.update(network_kwargs=network_kwargs, precision=precision)
-    torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
-    precision_mod.configure_backends(precision)
 
-    state = checkpoint.load_training_state(resume_state_dump) if resume_state_dump else None
-    progress = dict(cur_nimg=0, cur_tick=0, tick_start_nimg=0, data_position=0)
+def _set_up(options, device):
+    """Everything the steps need, as an EasyDict: the device and process layout, the batch layout, the data loader,
+    the network with its EMA, DDP wrapper, forward call and optimizer, the loss, the augmentation pipe and the
+    progress counters; restored from options.resume_state_dump when given. Settles options.network_kwargs and
+    options.precision in place (the checkpoints record the settled values)."""
+    o = options
+    run = dnnlib.EasyDict(device=torch.device(device) if device is not None else distributed.device(),
+                          rank=distributed.get_rank(), world_size=distributed.get_world_size())
+    run.batch_gpu, run.num_rounds = batch_layout(o.batch_size, o.batch_gpu, run.world_size)
+    if o.stf and o.rbatch < run.batch_gpu:
+        raise ValueError(f'rbatch ({o.rbatch} per process) must be at least the micro-batch ({run.batch_gpu})')
+    run.loader_batch = o.rbatch if o.stf else run.batch_gpu
+    o.network_kwargs, o.precision = _resolve_precision(o.network_kwargs, o.precision)
+    torch.backends.cudnn.benchmark = bool(o.cudnn_benchmark)
+    precision_mod.configure_backends(o.precision)
+
+    state = checkpoint.load_training_state(o.resume_state_dump) if o.resume_state_dump else None
+    run.progress = dict(cur_nimg=0, cur_tick=0, tick_start_nimg=0, data_position=0)
     if state is not None:
-        progress.update({key: int(state['progress'][key]) for key in progress if key in state['progress']})
+        run.progress.update({key: int(state['progress'][key]) for key in run.progress if key in state['progress']})
 
-    # Network initialisation is the same on every rank and independent of the process count.
-    torch.manual_seed(seed)
+    torch.manual_seed(o.seed)  # network initialisation: the same on every rank and for any process count
     distributed.print0('Loading dataset...')
-    dataset_obj = build_dataset(dataset_kwargs)
-    sampler = misc.InfiniteSampler(dataset_obj, rank=rank, num_replicas=world_size, seed=seed,
-                                   start=progress['data_position'])
+    dataset_obj = build_dataset(o.dataset_kwargs)
+    run.loader = _data_loader(dataset_obj, o.data_loader_kwargs, run.loader_batch, o.seed,
+                              run.progress['data_position'], run.device)
+    distributed.print0('Constructing network...')
+    run.net = build_network(o.network_kwargs, dataset_obj.resolution, dataset_obj.num_channels,
+                            dataset_obj.label_dim, o.D)
+    run.net.train().requires_grad_(True).to(run.device)
+    if run.rank == 0:
+        _print_network_summary(run.net, run.batch_gpu, o.network_kwargs.get('augment_dim'), run.device)
+
+    distributed.print0('Setting up training state...')
+    run.loss_fn = build_loss(o.loss_kwargs)
+    run.augment_pipe = build_augment_pipe(o.augment_kwargs)
+    run.ddp, run.forward, run.optimizer = prepare_training(
+        run.net, o.optimizer_kwargs, run.device, precision=o.precision, compile=o.compile,
+        channels_last=o.channels_last, world_size=run.world_size)
+    run.ema = _restore(state, o.resume_state_dump, o.resume_pkl, run)
+    _seed_random_streams(state, o.seed, run)
+    return run
+
+
+def _data_loader(dataset_obj, data_loader_kwargs, batch, seed, data_position, device):
+    """This process's share of an endless shuffled stream of the dataset, starting at data_position."""
+    sampler = misc.InfiniteSampler(dataset_obj, rank=distributed.get_rank(),
+                                   num_replicas=distributed.get_world_size(), seed=seed, start=data_position)
     num_workers = int(data_loader_kwargs.get('num_workers', 1))
-    loader = torch.utils.data.DataLoader(
-        dataset_obj, sampler=sampler, batch_size=loader_batch, num_workers=num_workers,
+    return torch.utils.data.DataLoader(
+        dataset_obj, sampler=sampler, batch_size=batch, num_workers=num_workers,
         pin_memory=bool(data_loader_kwargs.get('pin_memory', True)) and device.type == 'cuda',
         prefetch_factor=data_loader_kwargs.get('prefetch_factor', 2) if num_workers > 0 else None,
         multiprocessing_context='spawn' if num_workers > 0 else None,  # forked ZIP handles are unsafe
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed))  # worker seeds must not draw from the global stream
 
-    distributed.print0('Constructing network...')
-    net = build_network(network_kwargs, dataset_obj.resolution, dataset_obj.num_channels, dataset_obj.label_dim, D)
-    net.train().requires_grad_(True).to(device)
-    if rank == 0:
-        with torch.no_grad():
-            images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
-            sigma = torch.ones([batch_gpu], device=device)
-            labels = torch.zeros([batch_gpu, net.label_dim], device=device)
-            augment_labels = {}
-            if network_kwargs.get('augment_dim'):
-                augment_labels['augment_labels'] = torch.zeros([batch_gpu, network_kwargs['augment_dim']],
-                                                               device=device)
-            misc.print_module_summary(_WithKwargs(net, augment_labels), [images, sigma, labels], max_nesting=3)
 
-    distributed.print0('Setting up training state...')
-    loss_fn = build_loss(loss_kwargs)
-    augment_pipe = build_augment_pipe(augment_kwargs)
-    ddp, forward, optimizer = prepare_training(net, optimizer_kwargs, device, precision=precision, compile=compile,
-                                               channels_last=channels_last, world_size=world_size)
-    if resume_pkl is not None and state is None:
-        distributed.print0(f'Initialising from "{resume_pkl}"...')
-        misc.copy_params_and_buffers(checkpoint.load_network(resume_pkl), net, require_all=False)
+def _print_network_summary(net, batch_gpu, augment_dim, device):
+    with torch.no_grad():
+        images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        sigma = torch.ones([batch_gpu], device=device)
+        labels = torch.zeros([batch_gpu, net.label_dim], device=device)
+        augment_labels = {}
+        if augment_dim:
+            augment_labels['augment_labels'] = torch.zeros([batch_gpu, augment_dim], device=device)
+        misc.print_module_summary(_WithKwargs(net, augment_labels), [images, sigma, labels], max_nesting=3)
+
+
+def _restore(state, state_path, transfer_path, run):
+    """Fill run.net and run.optimizer from the training state (or run.net from the --transfer network file when
+    there is no state); returns the EMA, the state's or a copy of the network."""
+    if transfer_path is not None and state is None:
+        distributed.print0(f'Initialising from "{transfer_path}"...')
+        misc.copy_params_and_buffers(checkpoint.load_network(transfer_path), run.net, require_all=False)
     if state is not None:
-        distributed.print0(f'Resuming from "{resume_state_dump}" at {progress["cur_nimg"] / 1e3:.3f} kimg...')
-        check_resume_compatible(state, net.config, resume_state_dump)
-        net.load_state_dict(state['net'])
-        load_optimizer_state(optimizer, state['optimizer_state'])
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
+        distributed.print0(f'Resuming from "{state_path}" at {run.progress["cur_nimg"] / 1e3:.3f} kimg...')
+        check_resume_compatible(state, run.net.config, state_path)
+        run.net.load_state_dict(state['net'])
+        load_optimizer_state(run.optimizer, state['optimizer_state'])
+    ema = copy.deepcopy(run.net).eval().requires_grad_(False)
     if state is not None:
         ema.load_state_dict(state['ema'])
+    return ema
 
-    # The per-process random stream (noise, σ, augmentation, dropout), restored exactly on resume.
+
+def _seed_random_streams(state, seed, run):
+    """The per-process random stream (noise, σ, augmentation, dropout): restored exactly from the state when it
+    was written by as many processes, else seeded from (seed, rank, cur_nimg)."""
     saved_rng = state.get('extra', {}).get('rng_states') if state is not None else None
-    if saved_rng is not None and len(saved_rng) == world_size:
-        misc.set_rng_state(saved_rng[rank], device)
-    else:
-        if saved_rng is not None:
-            distributed.print0(f'Note: the checkpoint was written by {len(saved_rng)} process(es), this run has '
-                               f'{world_size}; random streams are reseeded, so the run is not bit-identical.')
-        stream_seed = _stream_seed(seed, rank, world_size) + progress['cur_nimg']
-        torch.manual_seed(stream_seed)
-        np.random.seed(stream_seed % (1 << 31))
-    del state  # free the loaded tensors
+    if saved_rng is not None and len(saved_rng) == run.world_size:
+        misc.set_rng_state(saved_rng[run.rank], run.device)
+        return
+    if saved_rng is not None:
+        distributed.print0(f'Note: the checkpoint was written by {len(saved_rng)} process(es), this run has '
+                           f'{run.world_size}; random streams are reseeded, so the run is not bit-identical.')
+    stream_seed = _stream_seed(seed, run.rank, run.world_size) + run.progress['cur_nimg']
+    torch.manual_seed(stream_seed)
+    np.random.seed(stream_seed % (1 << 31))
 
-    # Training.
-    cur_nimg, cur_tick = progress['cur_nimg'], progress['cur_tick']
-    tick_start_nimg, data_position = progress['tick_start_nimg'], progress['data_position']
-    total_nimg = total_kimg * 1000
-    distributed.print0(f'Training for {total_kimg} kimg...')
+
+def _train(run, options, start_time):
+    """Steps until options.total_kimg, with a status line, statistics and (every state_dump_ticks) a training
+    state at each tick; returns cur_nimg."""
+    o = options
+    progress = dnnlib.EasyDict(run.progress)
+    total_nimg = o.total_kimg * 1000
+    batch_per_process = o.batch_size // run.world_size
+    distributed.print0(f'Training for {o.total_kimg} kimg...')
     distributed.print0()
-    stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at') if rank == 0 else None
-    tick_start_time = time.time()
-    tick_end_time = tick_start_time
-    maintenance_time = tick_start_time - start_time
-    data_iter = iter(loader) if cur_nimg < total_nimg else None
-    done = cur_nimg >= total_nimg
+    timing = dnnlib.EasyDict(start=start_time, tick_start=time.time())
+    timing.maintenance = timing.tick_start - start_time
+    done = progress.cur_nimg >= total_nimg
+    data_iter = iter(run.loader) if not done else None
 
     def next_micro_batch():
-        images, labels = _next_batch(data_iter, device)
-        return images[:batch_gpu], labels[:batch_gpu], (images if stf else None)
+        images, labels = _next_batch(data_iter, run.device)
+        return images[:run.batch_gpu], labels[:run.batch_gpu], (images if o.stf else None)
 
-    while not done:
-        lr = optimizer_kwargs['lr'] * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
-        training_step(ddp, forward, net, optimizer, loss_fn, augment_pipe, next_micro_batch,
-                      num_accumulation_rounds, grad_scale=loss_scaling / batch_gpu_total, lr=lr,
-                      loss_scaling=loss_scaling)
-        update_ema(ema, net, ema_beta(batch_size, cur_nimg, ema_halflife_kimg, ema_rampup_ratio))
+    with open(os.path.join(o.run_dir, 'stats.jsonl'), 'at') if run.rank == 0 else contextlib.nullcontext() as stats:
+        while not done:
+            lr = o.optimizer_kwargs['lr'] * min(progress.cur_nimg / max(o.lr_rampup_kimg * 1000, 1e-8), 1)
+            training_step(run.ddp, run.forward, run.net, run.optimizer, run.loss_fn, run.augment_pipe,
+                          next_micro_batch, run.num_rounds, grad_scale=o.loss_scaling / batch_per_process, lr=lr,
+                          loss_scaling=o.loss_scaling)
+            update_ema(run.ema, run.net, ema_beta(o.batch_size, progress.cur_nimg, o.ema_halflife_kimg,
+                                                  o.ema_rampup_ratio))
+            progress.cur_nimg += o.batch_size
+            progress.data_position += run.loader_batch * run.num_rounds * run.world_size
+            done = progress.cur_nimg >= total_nimg
+            if not done and progress.cur_tick != 0 and \
+                    progress.cur_nimg < progress.tick_start_nimg + o.kimg_per_tick * 1000:
+                continue
+            _end_tick(run, o, progress, timing, done, stats)
+    return progress.cur_nimg
 
-        cur_nimg += batch_size
-        data_position += loader_batch * num_accumulation_rounds * world_size
-        done = cur_nimg >= total_nimg
-        if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
-            continue
 
-        # Tick: status line, statistics, checkpoint.
-        tick_end_time = time.time()
-        fields = []
-        fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
-        fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<9.1f}"]
-        fields += [f"time {dnnlib.util.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
-        fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
-        fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
-        fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
-        fields += [f"cpumem {training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30):<6.2f}"]
-        gpu_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0
-        gpu_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == 'cuda' else 0
-        fields += [f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', gpu_mem):<6.2f}"]
-        fields += [f"reserved {training_stats.report0('Resources/peak_gpu_mem_reserved_gb', gpu_reserved):<6.2f}"]
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats(device)
-        distributed.print0(' '.join(fields))
+def _end_tick(run, options, progress, timing, done, stats):
+    """Status line, training state (when due), one stats.jsonl line; then start the next tick."""
+    timing.tick_end = time.time()
+    _report_tick(progress, timing, run.device)
+    if options.state_dump_ticks is not None and progress.cur_tick != 0 and \
+            (done or progress.cur_tick % options.state_dump_ticks == 0):
+        save_state(options.run_dir, run.net, run.ema, run.optimizer, run.device, options,
+                   progress=dict(cur_nimg=progress.cur_nimg, cur_tick=progress.cur_tick + 1,
+                                 tick_start_nimg=progress.cur_nimg, data_position=progress.data_position,
+                                 seed=int(options.seed), world_size=run.world_size, batch_size=options.batch_size))
+    training_stats.default_collector.update()
+    if stats is not None:
+        stats.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
+        stats.flush()
+    progress.cur_tick += 1
+    progress.tick_start_nimg = progress.cur_nimg
+    timing.tick_start = time.time()
+    timing.maintenance = timing.tick_start - timing.tick_end
 
-        if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
-            save_state(run_dir, net, ema, optimizer, device, training_options,
-                       progress=dict(cur_nimg=cur_nimg, cur_tick=cur_tick + 1, tick_start_nimg=cur_nimg,
-                                     data_position=data_position, seed=int(seed), world_size=world_size,
-                                     batch_size=batch_size))
 
-        training_stats.default_collector.update()
-        if stats_jsonl is not None:
-            stats_jsonl.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
-            stats_jsonl.flush()
-
-        cur_tick += 1
-        tick_start_nimg = cur_nimg
-        tick_start_time = time.time()
-        maintenance_time = tick_start_time - tick_end_time
-
-    if world_size > 1:
-        misc.check_ddp_consistency(net)
-        misc.check_ddp_consistency(ema)
-        distributed.print0(f'Network and EMA weights are identical on all {world_size} processes.')
-    if stats_jsonl is not None:
-        stats_jsonl.close()
-    distributed.print0()
-    distributed.print0('Exiting...')
-    return dnnlib.EasyDict(net=net, ema=ema, cur_nimg=cur_nimg)
+def _report_tick(progress, timing, device):
+    """Print the tick's status line; each number also goes to training_stats (rank 0) for stats.jsonl."""
+    report0 = training_stats.report0
+    tick_sec = timing.tick_end - timing.tick_start
+    sec_per_kimg = tick_sec / max(progress.cur_nimg - progress.tick_start_nimg, 1) * 1e3
+    cpu_mem = psutil.Process(os.getpid()).memory_info().rss / 2**30
+    gpu_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0
+    gpu_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == 'cuda' else 0
+    fields = [
+        f"tick {report0('Progress/tick', progress.cur_tick):<5d}",
+        f"kimg {report0('Progress/kimg', progress.cur_nimg / 1e3):<9.1f}",
+        f"time {dnnlib.util.format_time(report0('Timing/total_sec', timing.tick_end - timing.start)):<12s}",
+        f"sec/tick {report0('Timing/sec_per_tick', tick_sec):<7.1f}",
+        f"sec/kimg {report0('Timing/sec_per_kimg', sec_per_kimg):<7.2f}",
+        f"maintenance {report0('Timing/maintenance_sec', timing.maintenance):<6.1f}",
+        f"cpumem {report0('Resources/cpu_mem_gb', cpu_mem):<6.2f}",
+        f"gpumem {report0('Resources/peak_gpu_mem_gb', gpu_mem):<6.2f}",
+        f"reserved {report0('Resources/peak_gpu_mem_reserved_gb', gpu_reserved):<6.2f}",
+    ]
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    distributed.print0(' '.join(fields))
 
 
 def save_state(run_dir, net, ema, optimizer, device, training_options, progress):
@@ -458,13 +478,8 @@ def save_state(run_dir, net, ema, optimizer, device, training_options, progress)
         checkpoint.save_training_state(
             path, network_config=net.config, net_state=net.state_dict(), ema_state=ema.state_dict(),
             optimizer_state=optimizer.state_dict(), progress=progress,
-            training_options=_plain(training_options), extra=dict(rng_states=rng_states))
+            training_options=dnnlib.util.plain_data(training_options), extra=dict(rng_states=rng_states))
     distributed.barrier()
-
-
-def _plain(options):
-    """JSON round trip: the checkpoint's copy of the options holds plain data only."""
-    return json.loads(json.dumps(options, default=str))
 
 
 class _WithKwargs(torch.nn.Module):
