@@ -192,6 +192,8 @@ def test_solvers_and_nfe_in_every_script(run_dir, tmp_path):
     # An impossible NFE in the list: one line, nothing written.
     result = CliRunner().invoke(generate_steps.main, common + [f'--outdir={out}', '--nfe_list=5,8'])
     assert result.exit_code == 2 and 'NFE 8 is impossible for heun' in result.output
+    result = CliRunner().invoke(generate_steps.main, common + [f'--outdir={out}', '--nfe_list=5', '--step_list=3'])
+    assert result.exit_code == 2 and 'not both' in result.output
     assert sorted(d for d in os.listdir(out) if d.startswith('ckpt_')) == folders
 
 
