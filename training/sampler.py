@@ -4,7 +4,8 @@ PFGM++ with the alignment r = σ√D has exactly EDM's ODE in σ (paper §1.5); 
 samplers here take `latents` that are x already drawn from the prior at the first noise level of their grid
 (σ·N(0, I) for EDM, `training.pfgmpp.sample_noise(shape, σ, D)` for PFGM++); `prior_sigma()` says which level
 that is. The ODE state is kept in float64 whatever the network's precision; the network is called in one place,
-`denoise()`.
+`denoise()`. Solvers: EDM's Heun (`edm_sampler`, the default), the one-evaluation-per-step solvers of
+`multistep_sampler` (Euler, DPM-Solver++ 2M/3M, iPNDM; docs/samplers.md), and EDM's ablation sampler.
 
 Randomness (churn and α noise injection) is drawn through `randn_like`, normally the per-seed
 `SeedRandom.randn_like`, so every image depends on its own seed only.
@@ -173,7 +174,7 @@ def multistep_sampler(net, latents, class_labels=None, randn_like=torch.randn_li
                       sigma_min=0.002, sigma_max=80, rho=7, alpha=0):
     """A one-evaluation-per-step solver on edm_sampler's grid t_0 > … > t_{n−1}, t_n = 0; NFE = num_steps.
 
-    Step i evaluates D_i = D(x_i; t_i) once and moves to t_{i+1} with `solver` (euler, dpm2m, dpm3m, ipndm) over
+    Step i evaluates D_i = D(x_i; t_i) once and moves to t_{i+1} with `solver` (MULTISTEP_SOLVERS) over
     the last few D's; the last step, to σ = 0, returns D_{n−1}. latents: x at t_0, drawn from the prior.
     alpha: noise injection as in edm_sampler, α·t_i·N(0, I) added to x before step i. Returns float64.
     """
