@@ -117,12 +117,14 @@ def test_folder_names_are_classified_without_mixing_kinds():
         fields = fid.parse_folder_name(name)
         assert (fields['seed_set'], fields['kimg'], fields['axis'], fields['value']) == expected, name
     for name in ['ckpt_', 'ckpt_abc', 'ckpt_000200_alpha_', 'ckpt_000200_foo_1', 'fid.csv', 'ckpt_000200.tmp',
-                 'ckpt_000200_heun_steps_5', 'ckpt_000200_rk4_steps_5', 'ckpt_000200_dpm2m_', 'ckpt_000200_steps_5_dpm2m']:
+                 'ckpt_000200_heun_steps_5', 'ckpt_000200_rk4_steps_5', 'ckpt_000200_dpm2m_',
+                 'ckpt_000200_steps_5_dpm2m']:
         assert fid.parse_folder_name(name) is None, name
     # Solvers other than heun: their name after the kimg; NFE = 2·steps − 1 for heun, = steps for the others.
     solver_cases = {
         'ckpt_000200_steps_5': ('heun', 'steps', 5, 9), 'ckpt_2_000200_dpm2m_steps_5': ('dpm2m', 'steps', 5, 5),
-        'ckpt_000200_ipndm_v_steps_7': ('ipndm_v', 'steps', 7, 7), 'ckpt_000200_ipndm_steps_7': ('ipndm', 'steps', 7, 7),
+        'ckpt_000200_ipndm_v_steps_7': ('ipndm_v', 'steps', 7, 7),
+        'ckpt_000200_ipndm_steps_7': ('ipndm', 'steps', 7, 7),
         'ckpt_000200_dpm3m_alpha_0.1': ('dpm3m', 'alpha', 0.1, None), 'ckpt_000200_euler': ('euler', None, None, None),
     }
     for name, (solver, axis, value, nfe) in solver_cases.items():

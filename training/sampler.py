@@ -138,7 +138,8 @@ def _dpm_solver_pp_step(history, sigma_next):
 
 
 # Adams–Bashforth weights for equal steps, newest slope first.
-_ADAMS_BASHFORTH = {1: (1,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+_ADAMS_BASHFORTH = {1: (1,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
 def _ipndm_step(history, sigma_next):
