@@ -5,7 +5,8 @@
     torchrun --standalone --nproc_per_node=8 fid.py calc --images=training-runs/exp_name --ref=... --num 50000
 
 With a folder that holds `ckpt_*` sub-folders (what generate.py and the sweep scripts write), `calc` scores each
-of them and writes a table (CSV or JSON) and, for α / steps / bits sweeps, a plot.
+of them and writes a table (CSV or JSON) and, for α / steps / bits sweeps, a plot; steps sweeps are plotted against
+NFE with one line per solver.
 """
 
 import csv
@@ -19,27 +20,34 @@ import click
 from dnnlib.util import atomic_write
 from torch_utils import distributed as dist
 from training import fid_stats
+from training.sampler import MULTISTEP_SOLVERS, nfe_for_steps
 
 # ---------------------------------------------------------------------------------------------- run-dir mode
 
-# Folder names written by generate.py and the sweep scripts: ckpt_[2_|3_]{kimg}[_{alpha|steps|quant|prune}_{value}].
+# Folder names written by generate.py and the sweep scripts:
+# ckpt_[2_|3_]{kimg}[_{solver}][_{alpha|steps|quant|prune}_{value}], the solver only when it is not heun.
 # One anchored pattern, so a sweep folder is never mistaken for a plain one (reference fid.py globbed them together).
 _FOLDER_PATTERN = re.compile(r'ckpt_(?:(?P<seed_set>[23])_(?=\d))?(?P<kimg>\d+)'
+                             r'(?:_(?P<solver>' + '|'.join(sorted(MULTISTEP_SOLVERS, key=len, reverse=True)) + r'))?'
                              r'(?:_(?P<axis>alpha|steps|quant|prune)_(?P<value>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))?')
-_AXIS_LABELS = {'alpha': 'alpha', 'steps': 'sampling steps', 'quant': 'quantization bits', 'prune': 'pruning ratio'}
+_AXIS_LABELS = {'alpha': 'alpha', 'steps': 'NFE (network evaluations per image)', 'quant': 'quantization bits',
+                'prune': 'pruning ratio'}
 
 
 class ImageFolder:
-    """One ckpt_* folder of a run: which seed set (1, 2, 3), checkpoint kimg, sweep axis and value (or None)."""
+    """One ckpt_* folder of a run: which seed set (1, 2, 3), checkpoint kimg, solver, sweep axis and value (or
+    None); `nfe` is the network evaluations per image of a steps folder (None for the others)."""
 
-    def __init__(self, path, seed_set, kimg, axis, value):
+    def __init__(self, path, seed_set, kimg, axis, value, solver='heun'):
         self.path, self.seed_set, self.kimg, self.axis, self.value = path, seed_set, kimg, axis, value
+        self.solver = solver
+        self.nfe = nfe_for_steps(solver, value) if axis == 'steps' else None
         self.name = os.path.basename(path)
         self.fid = None
 
     def group_key(self):
         """Folders that differ only by seed set."""
-        return self.kimg, self.axis, self.value
+        return self.kimg, self.solver, self.axis, self.value
 
 
 def parse_folder_name(name):
@@ -50,17 +58,18 @@ def parse_folder_name(name):
     axis, value = match['axis'], match['value']
     if axis is not None:
         value = float(value) if axis in ('alpha', 'prune') else int(float(value))
-    return dict(seed_set=int(match['seed_set'] or 1), kimg=int(match['kimg']), axis=axis, value=value)
+    return dict(seed_set=int(match['seed_set'] or 1), kimg=int(match['kimg']), axis=axis, value=value,
+                solver=match['solver'] or 'heun')
 
 
 def find_image_folders(run_dir):
-    """Every generate.py folder directly in run_dir, sorted by (axis, kimg, value, seed set)."""
+    """Every generate.py folder directly in run_dir, sorted by (axis, solver, kimg, value, seed set)."""
     folders = []
     for name in os.listdir(run_dir):
         fields = parse_folder_name(name)
         if fields is not None and os.path.isdir(os.path.join(run_dir, name)):
             folders.append(ImageFolder(os.path.join(run_dir, name), **fields))
-    return sorted(folders, key=lambda f: (f.axis or '', f.kimg, f.value or 0, f.seed_set))
+    return sorted(folders, key=lambda f: (f.axis or '', f.solver, f.kimg, f.value or 0, f.seed_set))
 
 
 def select_folders(folders, ckpt=0, end_ckpt=1000000, gen_seed=None, axes=()):
@@ -85,13 +94,13 @@ def write_table(folders, path):
     rows = []
     for f in folders:
         best = minima.get(f.group_key())
-        rows.append(dict(folder=f.name, seed_set=f.seed_set, kimg=f.kimg, axis=f.axis or '',
-                         value='' if f.value is None else f.value, fid=f.fid,
+        rows.append(dict(folder=f.name, seed_set=f.seed_set, kimg=f.kimg, solver=f.solver, axis=f.axis or '',
+                         value='' if f.value is None else f.value, nfe='' if f.nfe is None else f.nfe, fid=f.fid,
                          min_fid_over_seed_sets='' if best is None else best[0],
                          seed_sets='' if best is None else ' '.join(map(str, best[1]))))
     if path.lower().endswith('.json'):
-        summary = [dict(kimg=k, axis=a, value=v, min_fid=fid, seed_sets=sets)
-                   for (k, a, v), (fid, sets) in sorted(minima.items(), key=lambda item: str(item[0]))]
+        summary = [dict(kimg=k, solver=solver, axis=a, value=v, min_fid=fid, seed_sets=sets)
+                   for (k, solver, a, v), (fid, sets) in sorted(minima.items(), key=lambda item: str(item[0]))]
         text = json.dumps(dict(folders=rows, min_over_seed_sets=summary), indent=2)
     else:
         buffer = io.StringIO()
@@ -103,22 +112,27 @@ def write_table(folders, path):
         f.write(text)
 
 
+def plot_lines(folders, axis):
+    """{label: [(x, FID), ...] sorted by x}: one line per (solver, kimg, seed set) of one sweep axis; x is the NFE
+    for steps sweeps, else the sweep value."""
+    lines = {}
+    for f in folders:
+        if f.axis == axis:
+            lines.setdefault((f.solver, f.kimg, f.seed_set), []).append((f.nfe if axis == 'steps' else f.value, f.fid))
+    return {f'{solver}, kimg {kimg}' + (f', seeds {seed_set}' if seed_set != 1 else ''): sorted(points)
+            for (solver, kimg, seed_set), points in sorted(lines.items())}
+
+
 def write_plot(folders, path):
-    """PNG: FID against the sweep value, one panel per axis, one line per (kimg, seed set)."""
+    """PNG: FID against the sweep value (NFE for steps sweeps), one panel per axis, one line per plot_lines()."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     axes_present = sorted({f.axis for f in folders if f.axis})
     figure, panels = plt.subplots(1, len(axes_present), figsize=(5 * len(axes_present), 4), squeeze=False)
     for panel, axis in zip(panels[0], axes_present):
-        lines = {}
-        for f in folders:
-            if f.axis == axis:
-                lines.setdefault((f.kimg, f.seed_set), []).append((f.value, f.fid))
-        for (kimg, seed_set), points in sorted(lines.items()):
-            points.sort()
-            panel.plot([p[0] for p in points], [p[1] for p in points], marker='o',
-                       label=f'kimg {kimg}' + (f', seeds {seed_set}' if seed_set != 1 else ''))
+        for label, points in plot_lines(folders, axis).items():
+            panel.plot([p[0] for p in points], [p[1] for p in points], marker='o', label=label)
         panel.set_xlabel(_AXIS_LABELS[axis])
         panel.set_ylabel('FID')
         panel.grid(alpha=0.3)

@@ -146,8 +146,20 @@ def test_folder_names_are_classified_without_mixing_kinds():
     for name, expected in cases.items():
         fields = fid.parse_folder_name(name)
         assert (fields['seed_set'], fields['kimg'], fields['axis'], fields['value']) == expected, name
-    for name in ['ckpt_', 'ckpt_abc', 'ckpt_000200_alpha_', 'ckpt_000200_foo_1', 'fid.csv', 'ckpt_000200.tmp']:
+    for name in ['ckpt_', 'ckpt_abc', 'ckpt_000200_alpha_', 'ckpt_000200_foo_1', 'fid.csv', 'ckpt_000200.tmp',
+                 'ckpt_000200_heun_steps_5', 'ckpt_000200_rk4_steps_5', 'ckpt_000200_dpm2m_',
+                 'ckpt_000200_steps_5_dpm2m']:
         assert fid.parse_folder_name(name) is None, name
+    # Solvers other than heun: their name after the kimg; NFE = 2·steps − 1 for heun, = steps for the others.
+    solver_cases = {
+        'ckpt_000200_steps_5': ('heun', 'steps', 5, 9), 'ckpt_2_000200_dpm2m_steps_5': ('dpm2m', 'steps', 5, 5),
+        'ckpt_000200_ipndm_v_steps_7': ('ipndm_v', 'steps', 7, 7),
+        'ckpt_000200_ipndm_steps_7': ('ipndm', 'steps', 7, 7),
+        'ckpt_000200_dpm3m_alpha_0.1': ('dpm3m', 'alpha', 0.1, None), 'ckpt_000200_euler': ('euler', None, None, None),
+    }
+    for name, (solver, axis, value, nfe) in solver_cases.items():
+        folder = fid.ImageFolder(name, **fid.parse_folder_name(name))
+        assert (folder.solver, folder.axis, folder.value, folder.nfe) == (solver, axis, value, nfe), name
 
 # ---------------------------------------------------------------------------------------------- end to end
 
@@ -241,3 +253,32 @@ def test_torchrun_two_processes_give_the_same_fid(reference, repo_root):
                              capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-2000:]
     assert float(process.stdout.strip().splitlines()[-1]) == pytest.approx(float(lines[-1]), rel=1e-6)
+
+
+@needs_detector
+def test_run_dir_mode_tabulates_fid_against_nfe_per_solver(reference, tmp_path):
+    _data, ref = reference
+    # Few folders: every scored folder costs an Inception pass on the CPU. The alpha folder is filtered out.
+    names = ['ckpt_000010_steps_2', 'ckpt_000010_dpm2m_steps_3', 'ckpt_000010_dpm2m_steps_5', 'ckpt_000010_alpha_0.1']
+    for seed, name in enumerate(names):
+        write_generated_folder(tmp_path / name, num=3, seed=seed)
+    result, _ = invoke('calc', f'--images={tmp_path}', f'--ref={ref}', '--num=3', '--workers=0', '--steps=1')
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / 'fid.csv') as f:
+        rows = {row['folder']: row for row in csv.DictReader(f)}
+    assert sorted(rows) == sorted(names[:-1])
+    assert {name: (row['solver'], row['nfe']) for name, row in rows.items()} == {
+        'ckpt_000010_steps_2': ('heun', '3'), 'ckpt_000010_dpm2m_steps_3': ('dpm2m', '3'),
+        'ckpt_000010_dpm2m_steps_5': ('dpm2m', '5')}
+    fids = [float(row['fid']) for row in rows.values()]
+    assert len(set(fids)) == 3 and min(fids) > 1  # different images per folder, so one score per folder
+    with PIL.Image.open(tmp_path / 'fid.png') as plot:
+        assert plot.format == 'PNG'
+    # The plotted lines: FID against NFE, one per solver.
+    folders = fid.find_image_folders(str(tmp_path))
+    for folder in folders:
+        folder.fid = float(rows[folder.name]['fid']) if folder.name in rows else None
+    fid_of = {name: float(row['fid']) for name, row in rows.items()}
+    assert fid.plot_lines(folders, 'steps') == {
+        'dpm2m, kimg 10': [(3, fid_of['ckpt_000010_dpm2m_steps_3']), (5, fid_of['ckpt_000010_dpm2m_steps_5'])],
+        'heun, kimg 10': [(3, fid_of['ckpt_000010_steps_2'])]}

@@ -175,6 +175,49 @@ def test_sweeps_write_their_folders(run_dir, tmp_path):
     assert not os.path.exists(os.path.join(out, 'ckpt_000002_alpha_0.2'))
 
 
+def test_solvers_and_nfe_in_every_script(run_dir, tmp_path):
+    out, ref = str(tmp_path / 'solvers'), str(tmp_path / 'reference')
+    for folder in (out, ref):
+        os.makedirs(folder)
+        shutil.copy(os.path.join(run_dir, state_file_name(2)), folder)
+    common = ['--seeds=0-1', '--batch=2']
+    assert invoke(generate_steps.main, common + [f'--outdir={out}', '--nfe_list=3,5']).exit_code == 0
+    result = invoke(generate_steps.main, common + [f'--outdir={out}', '--solver=dpm2m', '--nfe_list=2,4'])
+    assert result.exit_code == 0, result.output
+    assert invoke(generate_alpha.main, common + [f'--outdir={out}', '--solver=dpm3m', '--nfe=4',
+                                                 '--alpha_list=0']).exit_code == 0
+    assert invoke(generate_steps.main, common + [f'--outdir={ref}', '--step_list=2,3']).exit_code == 0
+    assert invoke(generate_steps.main, common + [f'--outdir={ref}', '--solver=dpm3m', '--step_list=4']).exit_code == 0
+    folders = sorted(d for d in os.listdir(out) if d.startswith('ckpt_'))
+    assert folders == ['ckpt_000002_dpm2m_steps_2', 'ckpt_000002_dpm2m_steps_4', 'ckpt_000002_dpm3m_alpha_0',
+                       'ckpt_000002_steps_2', 'ckpt_000002_steps_3']
+    images = {name: read_bytes(os.path.join(out, name)) for name in folders}
+    reference = {name: read_bytes(os.path.join(ref, name)) for name in os.listdir(ref) if name.startswith('ckpt_')}
+    # Heun by NFE is Heun by steps (NFE 3, 5 = steps 2, 3); --nfe=4 for dpm3m is 4 steps; solvers differ
+    # (dpm3m reaches third order only from its third step on, so 4 steps tell it from dpm2m).
+    assert images['ckpt_000002_steps_2'] == reference['ckpt_000002_steps_2']
+    assert images['ckpt_000002_steps_3'] == reference['ckpt_000002_steps_3']
+    assert images['ckpt_000002_dpm3m_alpha_0'] == reference['ckpt_000002_dpm3m_steps_4']
+    assert images['ckpt_000002_dpm2m_steps_2'] != images['ckpt_000002_steps_2']
+    assert images['ckpt_000002_dpm2m_steps_4'] != images['ckpt_000002_dpm3m_alpha_0']
+    # An impossible NFE in the list: one line, nothing written.
+    result = CliRunner().invoke(generate_steps.main, common + [f'--outdir={out}', '--nfe_list=5,8'])
+    assert result.exit_code == 2 and 'NFE 8 is impossible for heun' in result.output
+    result = CliRunner().invoke(generate_steps.main, common + [f'--outdir={out}', '--nfe_list=5', '--step_list=3'])
+    assert result.exit_code == 2 and 'not both' in result.output
+    assert sorted(d for d in os.listdir(out) if d.startswith('ckpt_')) == folders
+
+
+def test_multistep_solver_images_do_not_depend_on_batch_or_order(run_dir, tmp_path):
+    ckpt = os.path.join(run_dir, state_file_name(2))
+    out_a, out_b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    for out, seeds, batch in [(out_a, '0-3', '4'), (out_b, '3,1,0,2', '1')]:
+        result = invoke(generate.main, [f'--network={ckpt}', f'--outdir={out}', f'--seeds={seeds}', f'--batch={batch}',
+                                        '--solver=ipndm', '--nfe=4'])
+        assert result.exit_code == 0, result.output
+    assert read_bytes(out_a) == read_bytes(out_b) and len(set(read_bytes(out_a).values())) == 4
+
+
 def test_class_conditional_rgb(edm_cond_ckpt, tmp_path):
     out = str(tmp_path / 'cond')
     result = invoke(generate.main, [f'--network={edm_cond_ckpt}', f'--outdir={out}', '--seeds=0-1', '--steps=2',
@@ -209,6 +252,11 @@ def test_class_conditional_rgb(edm_cond_ckpt, tmp_path):
     (['--network={pfgm}', '--seeds=5-3'], 'no seeds'),
     (['--network={pfgm}', '--steps=1'], '--steps'),
     ([], 'no checkpoints'),
+    (['--network={pfgm}', '--nfe=10'], 'NFE 10 is impossible for heun'),
+    (['--network={pfgm}', '--solver=euler', '--nfe=1'], 'impossible for euler'),
+    (['--network={pfgm}', '--steps=3', '--nfe=5'], 'not both'),
+    (['--network={pfgm}', '--solver=dpm2m', '--S_churn=1'], 'S_churn'),
+    (['--network={pfgm}', '--solver=dpm3m', '--disc=vp'], 'cannot be combined'),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(args, message, run_dir, edm_cond_ckpt, tmp_path):
     corrupt = tmp_path / 'corrupt.pt'
@@ -256,6 +304,9 @@ def test_folder_names():
     assert generation.folder_name(2500, range(50000, 99999), 'alpha', 0.1) == 'ckpt_2_002500_alpha_0.1'
     assert generation.folder_name(7, range(100000, 100005), 'steps', 18) == 'ckpt_3_000007_steps_18'
     assert generation.folder_name(0, [0], 'alpha', 0.0) == 'ckpt_000000_alpha_0'
+    assert generation.folder_name(7, [0], 'steps', 9, 'heun') == 'ckpt_000007_steps_9'
+    assert generation.folder_name(7, [50000], 'steps', 9, 'dpm3m') == 'ckpt_2_000007_dpm3m_steps_9'
+    assert generation.folder_name(7, [0], solver='ipndm') == 'ckpt_000007_ipndm'
     assert generation.grid_file('g/grid.png', 'ckpt_000001') == 'g/grid_ckpt_000001.png'
 
 

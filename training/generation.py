@@ -98,9 +98,12 @@ def seed_set_prefix(seeds):
     return 'ckpt_3_' if smallest >= 100000 else 'ckpt_2_' if smallest >= 50000 else 'ckpt_'
 
 
-def folder_name(kimg, seeds, axis=None, value=None):
-    """`ckpt_000100`, `ckpt_2_000100_alpha_0.1`, `ckpt_000100_steps_18`, `ckpt_000100_quant_8`, ..."""
+def folder_name(kimg, seeds, axis=None, value=None, solver=None):
+    """`ckpt_000100`, `ckpt_2_000100_alpha_0.1`, `ckpt_000100_steps_18`, `ckpt_000100_quant_8`, ...; a solver other
+    than heun adds its name after the kimg: `ckpt_000100_dpm2m_steps_9`, `ckpt_000100_ipndm`."""
     name = f'{seed_set_prefix(seeds)}{kimg:06d}'
+    if solver not in (None, 'heun'):
+        name = f'{name}_{solver}'
     return name if axis is None else f'{name}_{axis}_{value:g}'
 
 
@@ -326,7 +329,9 @@ _COMMON_OPTIONS = [
     click.option('--save_images', is_flag=True,
                  help='Reference option: write only the grids (to --grid, default <outdir>/grid.png), no image files.'),
     click.option('--steps', 'num_steps', metavar='INT', type=click.IntRange(min=2), default=18, show_default=True,
-                 help='Number of sampling steps'),
+                 help='Number of sampling steps (NFE = 2*steps - 1 for heun, = steps for the other solvers)'),
+    click.option('--nfe', metavar='INT', type=click.IntRange(min=1), default=None,
+                 help='Network evaluations per image: sets --steps for --solver (heun: odd NFE >= 3 only)'),
     click.option('--sigma_min', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
                  help='Lowest noise level  [default: varies]'),
     click.option('--sigma_max', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
@@ -341,7 +346,10 @@ _COMMON_OPTIONS = [
                  show_default=True, help='Stoch. max noise level'),
     click.option('--S_noise', 'S_noise', metavar='FLOAT', type=float, default=1, show_default=True,
                  help='Stoch. noise inflation'),
-    click.option('--solver', type=click.Choice(['euler', 'heun']), help='Ablate ODE solver'),
+    click.option('--solver', type=click.Choice(sampling.SOLVERS),
+                 help='ODE solver: heun (EDM Alg. 2, 2 evaluations per step) or a one-evaluation-per-step solver '
+                      '(euler, dpm2m, dpm3m, ipndm, ipndm_v; no --S_churn); with --disc/--schedule/--scaling only '
+                      'euler or heun (docs/samplers.md)  [default: heun]'),
     click.option('--disc', 'discretization', type=click.Choice(['vp', 've', 'iddpm', 'edm']),
                  help='Ablate time step discretization'),
     click.option('--schedule', type=click.Choice(['vp', 've', 'linear']), help='Ablate noise schedule sigma(t)'),
@@ -386,6 +394,20 @@ SAMPLER_OPTIONS = ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_m
                    'discretization', 'schedule', 'scaling')
 
 
+def steps_for_nfe(solver, nfe, param_hint):
+    """--nfe / --nfe_list → the step count for the solver, or one clear usage error."""
+    try:
+        return sampling.steps_for_nfe(solver, nfe)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint=param_hint) from None
+
+
+def given_on_command_line(name):
+    """Whether the user typed the option (rather than getting its default); False outside a click command."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+
 def _load(path):
     try:
         return load_network(path)
@@ -396,9 +418,13 @@ def _load(path):
 def run(opts, axis=None, values=(None,), quant_filter='layers'):
     """Drive one script: validate everything first, then sample folder by folder. axis: None, 'alpha', 'steps' or
     'quant' with its list of values."""
-    device = dist.init()
     seeds = opts['seeds']
     sampler_kwargs = {key: opts[key] for key in SAMPLER_OPTIONS if opts.get(key) is not None}
+    if opts.get('nfe') is not None and axis != 'steps':
+        if given_on_command_line('num_steps'):
+            raise click.BadParameter('give --steps or --nfe, not both', param_hint='--nfe')
+        sampler_kwargs['num_steps'] = steps_for_nfe(opts.get('solver'), opts['nfe'], '--nfe')
+    device = dist.init()
     if quant_filter not in FILTERS:
         raise click.BadParameter(f'{quant_filter!r} is not one of {", ".join(FILTERS)}', param_hint='--quant_filter')
 
@@ -455,7 +481,7 @@ def run(opts, axis=None, values=(None,), quant_filter='layers'):
             if plain_outdir:
                 folder, name, subdirs, only_missing = opts['outdir'], None, opts['subdirs'], False
             else:
-                name = folder_name(kimg, seeds, axis, value)
+                name = folder_name(kimg, seeds, axis, value, opts.get('solver'))
                 folder, subdirs, only_missing = os.path.join(opts['outdir'], name), True, True
             generate_folder(net_call, seeds, folder, sampler_kwargs=kwargs, noise_alpha=noise_alpha,
                             class_idx=opts['class_idx'], batch_size=opts['max_batch_size'], subdirs=subdirs,

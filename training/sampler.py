@@ -4,7 +4,8 @@ PFGM++ with the alignment r = σ√D has exactly EDM's ODE in σ (paper §1.5); 
 samplers here take `latents` that are x already drawn from the prior at the first noise level of their grid
 (σ·N(0, I) for EDM, `training.pfgmpp.sample_noise(shape, σ, D)` for PFGM++); `prior_sigma()` says which level
 that is. The ODE state is kept in float64 whatever the network's precision; the network is called in one place,
-`denoise()`.
+`denoise()`. Solvers: EDM's Heun (`edm_sampler`, the default), the one-evaluation-per-step solvers of
+`multistep_sampler` (Euler, DPM-Solver++ 2M/3M, iPNDM; docs/samplers.md), and EDM's ablation sampler.
 
 Randomness (churn and α noise injection) is drawn through `randn_like`, normally the per-seed
 `SeedRandom.randn_like`, so every image depends on its own seed only. Draw order per step, fixed: the α noise
@@ -21,10 +22,12 @@ import torch
 from training.networks import iddpm_noise_levels
 from training.pfgmpp import sample_noise
 
-__all__ = ['denoise', 'edm_sigma_steps', 'edm_sampler', 'ablation_sampler', 'ABLATION_OPTIONS', 'uses_ablation',
-           'prior_sigma', 'sample', 'SeedRandom']
+__all__ = ['denoise', 'edm_sigma_steps', 'edm_sampler', 'multistep_sampler', 'ablation_sampler', 'SOLVERS',
+           'MULTISTEP_SOLVERS', 'ABLATION_OPTIONS', 'uses_ablation', 'nfe_for_steps', 'steps_for_nfe', 'prior_sigma',
+           'sample', 'SeedRandom']
 
-ABLATION_OPTIONS = ('solver', 'discretization', 'schedule', 'scaling')
+# The ablation sampler runs when any of these is set; --solver alone picks among SOLVERS on EDM's ρ-grid.
+ABLATION_OPTIONS = ('discretization', 'schedule', 'scaling')
 
 
 def denoise(net, x, sigma, class_labels=None):
@@ -97,6 +100,104 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
             d_prime = (x_next - denoise(net, x_next, t_next, class_labels)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multistep solvers on the same ρ-grid: one network evaluation per step, reusing the last few denoiser outputs.
+# A step function maps the history [(σ_i, x_i, D_i), (σ_{i−1}, x_{i−1}, D_{i−1}), ...] (current point first, at
+# most the solver's order entries, so the first steps run at the lower orders the history allows) to x_{i+1}.
+
+def _euler_step(history, sigma_next):
+    sigma, x, denoised = history[0]
+    return x + (sigma_next - sigma) * ((x - denoised) / sigma)
+
+
+def _lagrange_basis(nodes):
+    """basis[k][j] = the coefficient of u^j in the Lagrange polynomial ℓ_k (1 at nodes[k], 0 at the other nodes)."""
+    basis = []
+    for k, node_k in enumerate(nodes):
+        poly = [1.0]
+        for m, node_m in enumerate(nodes):
+            if m != k:  # poly · (u − node_m) / (node_k − node_m)
+                scale = 1 / (node_k - node_m)
+                poly = [((poly[j - 1] if j else 0.0) - node_m * (poly[j] if j < len(poly) else 0.0)) * scale
+                        for j in range(len(poly) + 1)]
+        basis.append(poly)
+    return basis
+
+
+def _dpm_solver_pp_step(history, sigma_next):
+    """DPM-Solver++ multistep (data prediction) in λ = −log σ. In λ the ODE is dx/dλ = D − x, so exactly
+    x_next = (σ_next/σ_i)·x_i + ∫_0^h e^(u−h) D(λ_i + u) du with h = log(σ_i/σ_next). D is replaced by the
+    polynomial through the history's denoiser outputs (in u = λ − λ_i) and integrated exactly:
+    ∫_0^h e^(u−h) u^j du = I_j with I_0 = 1 − e^(−h), I_j = h^j − j·I_{j−1}. Order = len(history)."""
+    sigma, x, _ = history[0]
+    h = math.log(sigma / sigma_next)
+    integrals = [-math.expm1(-h)]
+    for j in range(1, len(history)):
+        integrals.append(h ** j - j * integrals[-1])
+    nodes = [math.log(sigma / s) for s, _, _ in history]  # λ_{i−k} − λ_i ≤ 0
+    x_next = (sigma_next / sigma) * x
+    for poly, (_, _, denoised) in zip(_lagrange_basis(nodes), history):
+        x_next = x_next + sum(c * integral for c, integral in zip(poly, integrals)) * denoised
+    return x_next
+
+
+# Adams–Bashforth weights for equal steps, newest slope first.
+_ADAMS_BASHFORTH = {1: (1,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def _ipndm_step(history, sigma_next):
+    """iPNDM (Zhang & Chen 2023): Adams–Bashforth of order len(history) ≤ 4 on dx/dσ = (x − D)/σ, with the
+    equal-step weights applied to the actual step σ_next − σ_i (as published)."""
+    sigma, x, _ = history[0]
+    weights = _ADAMS_BASHFORTH[len(history)]
+    slope = sum(w * (x_k - d_k) / s_k for w, (s_k, x_k, d_k) in zip(weights, history))
+    return x + (sigma_next - sigma) * slope
+
+
+def _ipndm_v_step(history, sigma_next):
+    """Variable-step Adams–Bashforth of order len(history) ≤ 4 on dx/dσ: the polynomial through the history's
+    slopes (in u = σ − σ_i) integrated exactly over [0, σ_next − σ_i]."""
+    sigma, x, _ = history[0]
+    step = sigma_next - sigma
+    nodes = [s_k - sigma for s_k, _, _ in history]
+    x_next = x
+    for poly, (s_k, x_k, d_k) in zip(_lagrange_basis(nodes), history):
+        weight = sum(c * step ** (j + 1) / (j + 1) for j, c in enumerate(poly))
+        x_next = x_next + weight * ((x_k - d_k) / s_k)
+    return x_next
+
+
+# solver -> (step function, order = history length it uses)
+_MULTISTEP = {'euler': (_euler_step, 1), 'dpm2m': (_dpm_solver_pp_step, 2), 'dpm3m': (_dpm_solver_pp_step, 3),
+              'ipndm': (_ipndm_step, 4), 'ipndm_v': (_ipndm_v_step, 4)}
+MULTISTEP_SOLVERS = tuple(_MULTISTEP)
+SOLVERS = ('heun',) + MULTISTEP_SOLVERS
+
+
+def multistep_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, solver='dpm2m', num_steps=18,
+                      sigma_min=0.002, sigma_max=80, rho=7, alpha=0):
+    """A one-evaluation-per-step solver on edm_sampler's grid t_0 > … > t_{n−1}, t_n = 0; NFE = num_steps.
+
+    Step i evaluates D_i = D(x_i; t_i) once and moves to t_{i+1} with `solver` (MULTISTEP_SOLVERS) over
+    the last few D's; the last step, to σ = 0, returns D_{n−1}. latents: x at t_0, drawn from the prior.
+    alpha: noise injection as in edm_sampler, α·t_i·N(0, I) added to x before step i. Returns float64.
+    """
+    _check_choice('solver', solver, MULTISTEP_SOLVERS)
+    step, order = _MULTISTEP[solver]
+    t_steps = edm_sigma_steps(net, num_steps, sigma_min, sigma_max, rho)
+    x = latents.to(torch.float64)
+    history = []
+    for i, t_cur in enumerate(t_steps):
+        if alpha:
+            x = x + alpha * t_cur * randn_like(x)
+        denoised = denoise(net, x, t_cur, class_labels)
+        if i == len(t_steps) - 1:
+            return denoised
+        history = [(t_cur, x, denoised)] + history[:order - 1]
+        x = step(history, t_steps[i + 1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,7 +321,7 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
 # Choosing the sampler from CLI-style kwargs, and the prior level it starts from.
 
 def uses_ablation(sampler_kwargs):
-    """True when any of solver/discretization/schedule/scaling is set (the reference's rule)."""
+    """True when any of discretization/schedule/scaling is set: those need EDM's ablation sampler."""
     return any(sampler_kwargs.get(key) is not None for key in ABLATION_OPTIONS)
 
 
@@ -228,10 +329,51 @@ def _clean(sampler_kwargs):
     return {key: value for key, value in sampler_kwargs.items() if value is not None}
 
 
-def prior_sigma(net, **sampler_kwargs):
-    """The noise level t_0 at which `sample(net, latents, **sampler_kwargs)` expects its latents."""
-    kwargs = _clean(sampler_kwargs)
+def _sampler_kind(kwargs):
+    """'ablation', 'heun' (edm_sampler) or 'multistep' for cleaned kwargs; ValueError for a combination that
+    no sampler runs."""
+    solver = kwargs.get('solver', 'heun')
+    _check_choice('solver', solver, SOLVERS)
     if uses_ablation(kwargs):
+        if solver not in ('euler', 'heun'):
+            raise ValueError(f'solver={solver} runs on EDM\'s sigma grid only; it cannot be combined with '
+                             f'discretization/schedule/scaling (the ablation sampler has euler and heun)')
+        return 'ablation'
+    if solver == 'heun':
+        return 'heun'
+    if kwargs.get('S_churn', 0):
+        raise ValueError(f'S_churn (stochastic sampling) needs solver=heun or the ablation sampler '
+                         f'(discretization/schedule/scaling), not solver={solver}')
+    return 'multistep'
+
+
+def nfe_for_steps(solver, num_steps):
+    """Network evaluations per image: heun 2·num_steps − 1 (no correction on the last step), the others num_steps."""
+    solver = solver or 'heun'
+    _check_choice('solver', solver, SOLVERS)
+    num_steps = _check_steps(num_steps)
+    return 2 * num_steps - 1 if solver == 'heun' else num_steps
+
+
+def steps_for_nfe(solver, nfe):
+    """The num_steps that makes `nfe` network evaluations with `solver`; ValueError when no step count does."""
+    solver = solver or 'heun'
+    _check_choice('solver', solver, SOLVERS)
+    if solver == 'heun':
+        if nfe < 3 or nfe % 2 == 0:
+            near = ' or '.join(str(n) for n in (nfe - 1, nfe + 1) if n >= 3 and n % 2) or '3'
+            raise ValueError(f'NFE {nfe} is impossible for heun: NFE = 2*steps - 1 is odd and >= 3 (try {near})')
+        return (nfe + 1) // 2
+    if nfe < 2:
+        raise ValueError(f'NFE {nfe} is impossible for {solver}: NFE = steps, and steps >= 2')
+    return nfe
+
+
+def prior_sigma(net, **sampler_kwargs):
+    """The noise level t_0 at which `sample(net, latents, **sampler_kwargs)` expects its latents. Also validates the
+    sampler options (ValueError), so callers can check everything before sampling."""
+    kwargs = _clean(sampler_kwargs)
+    if _sampler_kind(kwargs) == 'ablation':
         keys = ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'discretization', 'schedule', 'scaling',
                 'epsilon_s', 'C_1', 'C_2', 'M')
         args = dict(num_steps=18, sigma_min=None, sigma_max=None, rho=7, discretization='edm', schedule='linear',
@@ -244,11 +386,18 @@ def prior_sigma(net, **sampler_kwargs):
 
 
 def sample(net, latents, class_labels=None, randn_like=torch.randn_like, noise_alpha=0, **sampler_kwargs):
-    """Run the EDM sampler, or the ablation sampler when an ablation option is set; None values are ignored."""
+    """Run the sampler the options name (None values are ignored): the ablation sampler when discretization,
+    schedule or scaling is set; else edm_sampler for solver heun (the default), multistep_sampler for the others."""
     kwargs = _clean(sampler_kwargs)
-    if uses_ablation(kwargs):
+    kind = _sampler_kind(kwargs)
+    if kind == 'ablation':
         return ablation_sampler(net, latents, class_labels, randn_like, noise_alpha=noise_alpha, **kwargs)
-    return edm_sampler(net, latents, class_labels, randn_like, alpha=noise_alpha, **kwargs)
+    kwargs.pop('solver', None)
+    if kind == 'heun':
+        return edm_sampler(net, latents, class_labels, randn_like, alpha=noise_alpha, **kwargs)
+    keys = ('num_steps', 'sigma_min', 'sigma_max', 'rho')  # S_min/S_max/S_noise matter only with churn
+    return multistep_sampler(net, latents, class_labels, randn_like, solver=sampler_kwargs['solver'],
+                             alpha=noise_alpha, **{key: kwargs[key] for key in keys if key in kwargs})
 
 
 class SeedRandom:
