@@ -17,7 +17,7 @@ import re
 
 import click
 
-from dnnlib.util import atomic_write
+from dnnlib.util import atomic_write, error_summary
 from torch_utils import distributed as dist
 from training import fid_stats
 from training.sampler import MULTISTEP_SOLVERS, nfe_for_steps
@@ -145,14 +145,9 @@ def write_plot(folders, path):
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def _one_line(error):
-    """The message a user needs: DataLoader workers wrap errors in a traceback, keep its last line."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
-
-
 def _fail(error):
-    raise click.ClickException(_one_line(error)) from None
+    # DataLoader workers wrap errors in a traceback: the last line is the message a user needs.
+    raise click.ClickException(error_summary(error, last=True)) from None
 
 
 @click.group()

@@ -265,6 +265,21 @@ def _drop_labels(labels, label_dropout, training):
 # Architectures.
 
 
+def _add_decoder_level(dec, res, innermost, cin, skips, cout, num_blocks, block_kwargs, attention):
+    """One decoder resolution of both U-Nets, under the reference's module names: the two middle blocks (innermost
+    level) or an upsampling block, then num_blocks + 1 blocks that each take an encoder output from `skips`.
+    attention(idx) says whether block idx attends. Returns the level's output channels."""
+    if innermost:
+        dec[f'{res}x{res}_in0'] = UNetBlock(cin, cin, attention=True, **block_kwargs)
+        dec[f'{res}x{res}_in1'] = UNetBlock(cin, cin, **block_kwargs)
+    else:
+        dec[f'{res}x{res}_up'] = UNetBlock(cin, cin, up=True, **block_kwargs)
+    for idx in range(num_blocks + 1):
+        dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin + skips.pop(), cout, attention=attention(idx), **block_kwargs)
+        cin = cout
+    return cout
+
+
 class SongUNet(torch.nn.Module):
     """DDPM++ / NCSN++ U-Net of Song et al. (2021), as configured by EDM.
 
@@ -329,15 +344,9 @@ class SongUNet(torch.nn.Module):
         self.dec = torch.nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block_kwargs)
-            else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
+            cout = _add_decoder_level(self.dec, res, level == len(channel_mult) - 1, cout, skips,
+                                      model_channels * mult, num_blocks, block_kwargs,
+                                      attention=lambda idx: idx == num_blocks and res in attn_resolutions)
             if decoder_type == 'skip' or level == 0:
                 if decoder_type == 'skip' and level < len(channel_mult) - 1:
                     self.dec[f'{res}x{res}_aux_up'] = Conv2d(out_channels, out_channels, kernel=0, up=True,
@@ -426,15 +435,9 @@ class DhariwalUNet(torch.nn.Module):
         self.dec = torch.nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block_kwargs)
-            else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=(res in attn_resolutions),
-                                                                **block_kwargs)
+            cout = _add_decoder_level(self.dec, res, level == len(channel_mult) - 1, cout, skips,
+                                      model_channels * mult, num_blocks, block_kwargs,
+                                      attention=lambda idx: res in attn_resolutions)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
 

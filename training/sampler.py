@@ -15,12 +15,15 @@ Exception: edm_sampler at S_churn = 0 uses no churn noise at all, so it draws no
 it by zero: the same images); ablation_sampler always draws it.
 """
 
+import functools
 import math
 
 import torch
 
+from dnnlib.util import check_choice
 from training.networks import iddpm_noise_levels
 from training.pfgmpp import sample_noise
+from training.schedules import vp_sigma, vp_sigma_deriv, vp_sigma_inv
 
 __all__ = ['denoise', 'edm_sigma_steps', 'edm_sampler', 'multistep_sampler', 'ablation_sampler', 'SOLVERS',
            'MULTISTEP_SOLVERS', 'ABLATION_OPTIONS', 'uses_ablation', 'nfe_for_steps', 'steps_for_nfe', 'prior_sigma',
@@ -185,7 +188,7 @@ def multistep_sampler(net, latents, class_labels=None, randn_like=torch.randn_li
     the last few D's; the last step, to σ = 0, returns D_{n−1}. latents: x at t_0, drawn from the prior.
     alpha: noise injection as in edm_sampler, α·t_i·N(0, I) added to x before step i. Returns float64.
     """
-    _check_choice('solver', solver, MULTISTEP_SOLVERS)
+    check_choice('solver', solver, MULTISTEP_SOLVERS)
     step, order = _MULTISTEP[solver]
     t_steps = edm_sigma_steps(net, num_steps, sigma_min, sigma_max, rho)
     x = latents.to(torch.float64)
@@ -203,34 +206,21 @@ def multistep_sampler(net, latents, class_labels=None, randn_like=torch.randn_li
 # ----------------------------------------------------------------------------------------------------------------
 # The ablation sampler of EDM §3 (Table 1 / Fig. 2): any solver × discretisation × schedule × scaling.
 
-def _vp_sigma(beta_d, beta_min):
-    return lambda t: math.sqrt(math.exp(0.5 * beta_d * t ** 2 + beta_min * t) - 1)
-
-
-def _vp_sigma_deriv(beta_d, beta_min):
-    sigma = _vp_sigma(beta_d, beta_min)
-    return lambda t: 0.5 * (beta_min + beta_d * t) * (sigma(t) + 1 / sigma(t))
-
-
-def _vp_sigma_inv(beta_d, beta_min):
-    return lambda s: (math.sqrt(beta_min ** 2 + 2 * beta_d * math.log1p(s ** 2)) - beta_min) / beta_d
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f'{name} must be one of {"/".join(choices)}, got {value!r}')
+_ABLATION_SCHEDULE_KEYS = ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'discretization', 'schedule', 'scaling',
+                           'epsilon_s', 'C_1', 'C_2', 'M')
 
 
 class _AblationSchedule:
-    """σ(t), σ'(t), σ⁻¹, s(t), s'(t) and the time grid t_0 > … > t_{n−1}, t_n = 0 (Python floats)."""
+    """σ(t), σ'(t), σ⁻¹, s(t), s'(t) and the time grid t_0 > … > t_{n−1}, t_n = 0 (Python floats). The defaults
+    are EDM's (its ablation sampler's); σ_min/σ_max None: the discretisation's own."""
 
-    def __init__(self, net, num_steps, sigma_min, sigma_max, rho, discretization, schedule, scaling,
-                 epsilon_s, C_1, C_2, M):
+    def __init__(self, net, num_steps=18, sigma_min=None, sigma_max=None, rho=7, discretization='edm',
+                 schedule='linear', scaling='none', epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000):
         num_steps = _check_steps(num_steps)
-        _check_choice('discretization', discretization, ('vp', 've', 'iddpm', 'edm'))
-        _check_choice('schedule', schedule, ('vp', 've', 'linear'))
-        _check_choice('scaling', scaling, ('vp', 'none'))
-        vp_default = _vp_sigma(beta_d=19.9, beta_min=0.1)  # the reference's P fork used 19.1 by mistake
+        check_choice('discretization', discretization, ('vp', 've', 'iddpm', 'edm'))
+        check_choice('schedule', schedule, ('vp', 've', 'linear'))
+        check_choice('scaling', scaling, ('vp', 'none'))
+        vp_default = functools.partial(vp_sigma, beta_d=19.9, beta_min=0.1)  # the P fork's 19.1 was a slip
         if sigma_min is None:
             sigma_min = {'vp': vp_default(epsilon_s), 've': 0.02, 'iddpm': 0.002, 'edm': 0.002}[discretization]
         if sigma_max is None:
@@ -243,7 +233,7 @@ class _AblationSchedule:
 
         frac = [i / (num_steps - 1) for i in range(num_steps)]
         if discretization == 'vp':
-            sigma_steps = [_vp_sigma(vp_beta_d, vp_beta_min)(1 + f * (epsilon_s - 1)) for f in frac]
+            sigma_steps = [vp_sigma(1 + f * (epsilon_s - 1), vp_beta_d, vp_beta_min) for f in frac]
         elif discretization == 've':
             sigma_steps = [math.sqrt(sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** f) for f in frac]
         elif discretization == 'iddpm':
@@ -254,9 +244,10 @@ class _AblationSchedule:
                            for f in frac]
 
         if schedule == 'vp':
-            self.sigma = _vp_sigma(vp_beta_d, vp_beta_min)
-            self.sigma_deriv = _vp_sigma_deriv(vp_beta_d, vp_beta_min)
-            self.sigma_inv = _vp_sigma_inv(vp_beta_d, vp_beta_min)
+            vp = dict(beta_d=vp_beta_d, beta_min=vp_beta_min)
+            self.sigma = functools.partial(vp_sigma, **vp)
+            self.sigma_deriv = functools.partial(vp_sigma_deriv, **vp)
+            self.sigma_inv = functools.partial(vp_sigma_inv, **vp)
         elif schedule == 've':
             self.sigma, self.sigma_deriv, self.sigma_inv = math.sqrt, lambda t: 0.5 / math.sqrt(t), lambda s: s ** 2
         else:
@@ -279,18 +270,17 @@ class _AblationSchedule:
         return (self.sigma_deriv(t) / sigma + self.s_deriv(t) / s) * x - self.sigma_deriv(t) * s / sigma * denoised
 
 
-def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=None,
-                     sigma_max=None, rho=7, solver='heun', discretization='edm', schedule='linear', scaling='none',
-                     epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1, S_churn=0, S_min=0,
-                     S_max=float('inf'), S_noise=1, noise_alpha=0):
+def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, solver='heun', alpha=1,
+                     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, noise_alpha=0, **schedule_kwargs):
     """EDM's generalised sampler. `alpha` is the reference's Heun intermediate-point parameter (α = 1: Heun);
-    `noise_alpha` is generate_alpha's noise injection (α·σ(t_i)·s(t_i)·N(0, I) before step i).
+    `noise_alpha` is generate_alpha's noise injection (α·σ(t_i)·s(t_i)·N(0, I) before step i). schedule_kwargs:
+    num_steps, sigma_min, sigma_max, rho, discretization, schedule, scaling, epsilon_s, C_1, C_2, M, with the
+    defaults of `_AblationSchedule` (EDM's).
 
     latents: unscaled x at σ = prior_sigma(...), already drawn from the prior; multiplied here by s(t_0).
     """
-    _check_choice('solver', solver, ('euler', 'heun'))
-    sched = _AblationSchedule(net, num_steps, sigma_min, sigma_max, rho, discretization, schedule, scaling,
-                              epsilon_s, C_1, C_2, M)
+    check_choice('solver', solver, ('euler', 'heun'))
+    sched = _AblationSchedule(net, **schedule_kwargs)
     sigma, s, t_steps = sched.sigma, sched.s, sched.t_steps
     x_next = latents.to(torch.float64) * s(t_steps[0])
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -333,7 +323,7 @@ def _sampler_kind(kwargs):
     """'ablation', 'heun' (edm_sampler) or 'multistep' for cleaned kwargs; ValueError for a combination that
     no sampler runs."""
     solver = kwargs.get('solver', 'heun')
-    _check_choice('solver', solver, SOLVERS)
+    check_choice('solver', solver, SOLVERS)
     if uses_ablation(kwargs):
         if solver not in ('euler', 'heun'):
             raise ValueError(f'solver={solver} runs on EDM\'s sigma grid only; it cannot be combined with '
@@ -350,7 +340,7 @@ def _sampler_kind(kwargs):
 def nfe_for_steps(solver, num_steps):
     """Network evaluations per image: heun 2·num_steps − 1 (no correction on the last step), the others num_steps."""
     solver = solver or 'heun'
-    _check_choice('solver', solver, SOLVERS)
+    check_choice('solver', solver, SOLVERS)
     num_steps = _check_steps(num_steps)
     return 2 * num_steps - 1 if solver == 'heun' else num_steps
 
@@ -358,7 +348,7 @@ def nfe_for_steps(solver, num_steps):
 def steps_for_nfe(solver, nfe):
     """The num_steps that makes `nfe` network evaluations with `solver`; ValueError when no step count does."""
     solver = solver or 'heun'
-    _check_choice('solver', solver, SOLVERS)
+    check_choice('solver', solver, SOLVERS)
     if solver == 'heun':
         if nfe < 3 or nfe % 2 == 0:
             near = ' or '.join(str(n) for n in (nfe - 1, nfe + 1) if n >= 3 and n % 2) or '3'
@@ -374,12 +364,7 @@ def prior_sigma(net, **sampler_kwargs):
     sampler options (ValueError), so callers can check everything before sampling."""
     kwargs = _clean(sampler_kwargs)
     if _sampler_kind(kwargs) == 'ablation':
-        keys = ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'discretization', 'schedule', 'scaling',
-                'epsilon_s', 'C_1', 'C_2', 'M')
-        args = dict(num_steps=18, sigma_min=None, sigma_max=None, rho=7, discretization='edm', schedule='linear',
-                    scaling='none', epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000)
-        args.update({key: kwargs[key] for key in keys if key in kwargs})
-        sched = _AblationSchedule(net, **args)
+        sched = _AblationSchedule(net, **{key: kwargs[key] for key in _ABLATION_SCHEDULE_KEYS if key in kwargs})
         return sched.sigma(sched.t_steps[0])
     keys = ('num_steps', 'sigma_min', 'sigma_max', 'rho')
     return edm_sigma_steps(net, **{key: kwargs[key] for key in keys if key in kwargs})[0]
