@@ -10,14 +10,14 @@ training/generation.py for the folder layout.
 
 import click
 
-from training.generation import common_options, run
+from generate_cli import common_options, run_script
 
 
 @click.command()
 @common_options
 def main(**opts):
     """Generate images: from one --network file, or from every checkpoint of the run directory --outdir."""
-    run(opts)
+    run_script(opts)
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ added to x. One folder `ckpt_{kimg:06d}_alpha_{α}` per checkpoint and α.
 
 import click
 
-from training.generation import common_options, float_list, run
+from generate_cli import common_options, float_list, run_script
 
 
 @click.command()
@@ -17,7 +17,7 @@ def main(alpha_list, **opts):
     """Sample every checkpoint once per α."""
     if min(alpha_list) < 0:
         raise click.BadParameter(f'α must be >= 0, got {min(alpha_list):g}', param_hint='--alpha_list')
-    run(opts, axis='alpha', values=alpha_list)
+    run_script(opts, axis='alpha', values=alpha_list)
 
 
 if __name__ == '__main__':

@@ -7,7 +7,7 @@ quantisation of the weights to b bits, from the original weights for every b. On
 
 import click
 
-from training.generation import common_options, int_list, run
+from generate_cli import common_options, int_list, run_script
 from training.quantize import FILTERS
 
 
@@ -20,7 +20,7 @@ from training.quantize import FILTERS
                    'reference\'s name filter (skips names containing norm/affine/map/32)')
 def main(bits_list, quant_filter, **opts):
     """Sample every checkpoint once per bit width."""
-    run(opts, axis='quant', values=bits_list, quant_filter=quant_filter)
+    run_script(opts, axis='quant', values=bits_list, quant_filter=quant_filter)
 
 
 if __name__ == '__main__':

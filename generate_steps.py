@@ -8,19 +8,14 @@
 
 import click
 
-from training.generation import common_options, given_on_command_line, int_list, run, steps_for_nfe
-
-
-def _optional_int_list(minimum):
-    parse = int_list(minimum)
-    return lambda ctx, param, value: None if value is None else parse(ctx, param, value)
+from generate_cli import common_options, given_on_command_line, int_list, run_script, steps_for_nfe
 
 
 @click.command()
 @common_options
 @click.option('--step_list', metavar='LIST', default='10,12,14,16,18,20,22,24', show_default=True,
               callback=int_list(2), help='Step counts to sweep (each >= 2)')
-@click.option('--nfe_list', metavar='LIST', default=None, callback=_optional_int_list(1),
+@click.option('--nfe_list', metavar='LIST', default=None, callback=int_list(1, optional=True),
               help='NFEs to sweep instead of --step_list, each turned into the step count of --solver (heun: odd '
                    'NFE >= 3 only; the others: NFE = steps >= 2)')
 def main(step_list, nfe_list, **opts):
@@ -29,7 +24,7 @@ def main(step_list, nfe_list, **opts):
         if given_on_command_line('step_list'):
             raise click.BadParameter('give --step_list or --nfe_list, not both', param_hint='--nfe_list')
         step_list = [steps_for_nfe(opts.get('solver'), nfe, '--nfe_list') for nfe in nfe_list]
-    run(opts, axis='steps', values=step_list)
+    run_script(opts, axis='steps', values=step_list)
 
 
 if __name__ == '__main__':

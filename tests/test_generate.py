@@ -15,6 +15,7 @@ import generate
 import generate_alpha
 import generate_quant
 import generate_steps
+from torch_utils import distributed
 from training import generation
 from training.checkpoint import save_training_state, state_file_name
 from training.networks import build_network
@@ -294,9 +295,9 @@ def test_torchrun_two_ranks_match_one_process(run_dir, tmp_path):
 def test_rank_batches_cover_every_seed_once():
     seeds = list(range(23))
     for world in (1, 2, 3):
-        got = [s for r in range(world) for batch in generation.rank_batches(seeds, 4, r, world) for s in batch]
+        got = [s for r in range(world) for batch in distributed.rank_batches(seeds, 4, r, world) for s in batch]
         assert sorted(got) == seeds
-        assert all(len(b) <= 4 for r in range(world) for b in generation.rank_batches(seeds, 4, r, world))
+        assert all(len(b) <= 4 for r in range(world) for b in distributed.rank_batches(seeds, 4, r, world))
 
 
 def test_folder_names():

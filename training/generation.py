@@ -1,7 +1,8 @@
 """The engine behind generate.py, generate_alpha.py, generate_steps.py and generate_quant.py.
 
 One job = one network (+ one sweep value) → one folder of `{seed:06d}.png` files. The scripts differ only in the
-sweep axis (none, α, steps, bits), so they share the click options (`common_options`) and the driver (`run`).
+sweep axis (none, α, steps, bits), so they share the command line (generate_cli.py, the only part that knows
+click) and the driver here (`run`), which raises ValueError for bad input.
 
 Two ways to name the networks:
 - `--network=<file>`: one file (our training state, or a reference `network-snapshot-*.pkl` / `training-state-*.pt`)
@@ -24,17 +25,16 @@ import os
 import re
 import glob
 
-import click
 import numpy as np
 import PIL.Image
 import torch
 import tqdm
 
-from dnnlib.util import atomic_write, error_summary, parse_int_list
+from dnnlib.util import atomic_write, check_choice
 from torch_utils import distributed as dist
 from torch_utils import precision as precision_mod
 from training import sampler as sampling
-from training.checkpoint import CheckpointError, find_checkpoints, load_network
+from training.checkpoint import find_checkpoints, load_network
 from training.quantize import FILTERS, quantize_weights
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -181,15 +181,6 @@ def aligned_sampler_kwargs(net, sampler_kwargs, align):
 # Sampling.
 
 
-def rank_batches(seeds, batch_size, rank, world_size):
-    """The reference's sharding: ((n−1)//(batch·world)+1)·world near-equal chunks, rank r takes r, r+world, ..."""
-    if not seeds:
-        return []
-    num_batches = ((len(seeds) - 1) // (batch_size * world_size) + 1) * world_size
-    chunks = torch.as_tensor(seeds, dtype=torch.int64).tensor_split(num_batches)
-    return [chunk.tolist() for chunk in chunks[rank::world_size] if len(chunk)]
-
-
 def prepare_network(net, precision=None, compile=False, channels_last=False, cudnn_benchmark=False):
     """The network as the samplers call it: a torch_utils.precision.NetworkCall under `precision`.
 
@@ -257,7 +248,7 @@ def generate_folder(net, seeds, folder, *, sampler_kwargs, noise_alpha=0, class_
         dist.print0(f'{desc or folder}: all {len(seeds)} images present, skipped')
     else:
         dist.print0(f'Generating {len(todo)} images to "{folder}"...')
-    batches = rank_batches(todo, batch_size, rank, world)
+    batches = dist.rank_batches(todo, batch_size, rank, world)
     with tqdm.tqdm(total=sum(map(len, batches)), unit='img', desc=desc, disable=rank != 0 or not todo) as bar:
         for batch_seeds in batches:
             images = to_uint8(generate_batch(net, batch_seeds, sampler_kwargs, noise_alpha, class_idx, device))
@@ -272,221 +263,89 @@ def generate_folder(net, seeds, folder, *, sampler_kwargs, noise_alpha=0, class_
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The shared command line.
-
-
-def _parse_seeds(ctx, param, value):
-    try:
-        seeds = parse_int_list(value)
-    except ValueError:
-        raise click.BadParameter(f'{value!r} is not a list like "0-49999" or "1,2,5-10"') from None
-    if not seeds:
-        raise click.BadParameter(f'{value!r} gives no seeds (a range a-b needs a <= b)')
-    if min(seeds) < 0:
-        raise click.BadParameter(f'seeds must be >= 0, got {min(seeds)}')
-    return seeds
-
-
-def float_list(ctx, param, value):
-    try:
-        values = [float(v) for v in value.split(',')] if isinstance(value, str) else list(value)
-    except ValueError:
-        raise click.BadParameter(f'{value!r} is not a comma-separated list of numbers') from None
-    if not values:
-        raise click.BadParameter('the list is empty')
-    return values
-
-
-def int_list(minimum):
-    def parse(ctx, param, value):
-        try:
-            values = parse_int_list(value)
-        except ValueError:
-            raise click.BadParameter(f'{value!r} is not a list like "10,12,14" or "5-9"') from None
-        if not values or min(values) < minimum:
-            raise click.BadParameter(f'{value!r}: need a non-empty list of integers >= {minimum}')
-        return values
-    return parse
-
-
-_COMMON_OPTIONS = [
-    click.option('--network', 'network_pkl', metavar='PATH', default=None,
-                 help='One network file (our training-state-*.pt, or the reference codebases\' network-snapshot-*.pkl '
-                      '/ training-state-*.pt). Without it, every checkpoint in --outdir is used.'),
-    click.option('--outdir', metavar='DIR', required=True,
-                 help='Where to save the images; without --network, also the training run directory to read.'),
-    click.option('--seeds', metavar='LIST', default='0-63', show_default=True, callback=_parse_seeds,
-                 help='Random seeds, e.g. 0-49999 or 1,2,5-10'),
-    click.option('--subdirs', is_flag=True, help='With --network: one subdirectory per 1000 seeds (always on '
-                                                 'in run-directory mode).'),
-    click.option('--class', 'class_idx', metavar='INT', type=click.IntRange(min=0), default=None,
-                 help='Class label  [default: random]'),
-    click.option('--batch', 'max_batch_size', metavar='INT', type=click.IntRange(min=1), default=64,
-                 show_default=True, help='Maximum batch size (per process)'),
-    click.option('--grid', metavar='PNG', default=None,
-                 help='Also write a grid of the first --batch images here (the folder name is appended when '
-                      'several folders are written).'),
-    click.option('--save_images', is_flag=True,
-                 help='Reference option: write only the grids (to --grid, default <outdir>/grid.png), no image files.'),
-    click.option('--steps', 'num_steps', metavar='INT', type=click.IntRange(min=2), default=18, show_default=True,
-                 help='Number of sampling steps (NFE = 2*steps - 1 for heun, = steps for the other solvers)'),
-    click.option('--nfe', metavar='INT', type=click.IntRange(min=1), default=None,
-                 help='Network evaluations per image: sets --steps for --solver (heun: odd NFE >= 3 only)'),
-    click.option('--sigma_min', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
-                 help='Lowest noise level  [default: varies]'),
-    click.option('--sigma_max', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
-                 help='Highest noise level; moves the prior radius with it  [default: varies]'),
-    click.option('--rho', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True,
-                 help='Time step exponent'),
-    click.option('--S_churn', 'S_churn', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True,
-                 help='Stochasticity strength'),
-    click.option('--S_min', 'S_min', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True,
-                 help='Stoch. min noise level'),
-    click.option('--S_max', 'S_max', metavar='FLOAT', type=click.FloatRange(min=0), default=float('inf'),
-                 show_default=True, help='Stoch. max noise level'),
-    click.option('--S_noise', 'S_noise', metavar='FLOAT', type=float, default=1, show_default=True,
-                 help='Stoch. noise inflation'),
-    click.option('--solver', type=click.Choice(sampling.SOLVERS),
-                 help='ODE solver: heun (EDM Alg. 2, 2 evaluations per step) or a one-evaluation-per-step solver '
-                      '(euler, dpm2m, dpm3m, ipndm, ipndm_v; no --S_churn); with --disc/--schedule/--scaling only '
-                      'euler or heun (docs/samplers.md)  [default: heun]'),
-    click.option('--disc', 'discretization', type=click.Choice(['vp', 've', 'iddpm', 'edm']),
-                 help='Ablate time step discretization'),
-    click.option('--schedule', type=click.Choice(['vp', 've', 'linear']), help='Ablate noise schedule sigma(t)'),
-    click.option('--scaling', type=click.Choice(['vp', 'none']), help='Ablate signal scaling s(t)'),
-    click.option('--precision', type=click.Choice(precision_mod.PRECISIONS), default=None,
-                 help=f'Arithmetic of the network call: fp32 (TF32 off, the reference), tf32, bf16 (autocast), '
-                      f'fp16 or bf16-native (bfloat16 activations, no autocast); the ODE state stays float64  '
-                      f'[default: fp16 for a network trained with --fp16, '
-                      f'else {precision_mod.DEFAULT_HELP["sample"]}]'),
-    click.option('--compile', type=bool, default=False, show_default=True, metavar='BOOL',
-                 help='torch.compile the network (pays off for many batches; one compile per batch shape)'),
-    click.option('--channels-last', 'channels_last', type=bool, default=False, show_default=True, metavar='BOOL',
-                 help='Channels-last (NHWC) network memory layout; same maths'),
-    click.option('--bench', type=bool, default=False, show_default=True, metavar='BOOL',
-                 help='cuDNN autotuning (faster; the kernels it picks may differ between runs, flipping a rare '
-                      'uint8 value)'),
-    click.option('--pfgmpp', type=bool, default=None,
-                 help='Compatibility: must agree with the checkpoint (D comes from the checkpoint).'),
-    click.option('--aug_dim', metavar='D', type=click.FloatRange(min=0, min_open=True), default=None,
-                 help='Compatibility: must equal the checkpoint\'s D.'),
-    click.option('--align', type=bool, default=False, show_default=True,
-                 help='Scale sigma_min/sigma_max and the prior by sqrt(1+N/D) (reference option).'),
-    click.option('--ckpt', metavar='KIMG', type=int, default=0, show_default=True,
-                 help='Run-directory mode: first checkpoint (kimg) to use'),
-    click.option('--end_ckpt', metavar='KIMG', type=int, default=100000000, show_default=True,
-                 help='Run-directory mode: last checkpoint (kimg) to use'),
-    click.option('--edm', type=bool, default=False, show_default=True,
-                 help='Run-directory mode: read network-snapshot-*.pkl (EDM pickles) instead, ignoring --ckpt range'),
-    click.option('--use_pickle', type=bool, default=False, show_default=True,
-                 help='Run-directory mode: read training-state-*.pkl instead of *.pt'),
-    click.option('--resume', type=int, default=None, hidden=True, help='Accepted and ignored (unused by the reference).'),
-]
-
-
-def common_options(function):
-    for option in reversed(_COMMON_OPTIONS):
-        function = option(function)
-    return function
-
+# The driver behind the scripts.
 
 SAMPLER_OPTIONS = ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise', 'solver',
                    'discretization', 'schedule', 'scaling')
+SWEEP_AXES = (None, 'alpha', 'steps', 'quant')
 
 
-def steps_for_nfe(solver, nfe, param_hint):
-    """--nfe / --nfe_list → the step count for the solver, or one clear usage error."""
-    try:
-        return sampling.steps_for_nfe(solver, nfe)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint=param_hint) from None
-
-
-def given_on_command_line(name):
-    """Whether the user typed the option (rather than getting its default); False outside a click command."""
-    ctx = click.get_current_context(silent=True)
-    return ctx is not None and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-
-
-def _load(path):
-    try:
-        return load_network(path)
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
-        raise click.ClickException(error_summary(err)) from None
-
-
-def run(opts, axis=None, values=(None,), quant_filter='layers'):
-    """Drive one script: validate everything first, then sample folder by folder. axis: None, 'alpha', 'steps' or
-    'quant' with its list of values."""
-    seeds = opts['seeds']
-    sampler_kwargs = {key: opts[key] for key in SAMPLER_OPTIONS if opts.get(key) is not None}
-    if opts.get('nfe') is not None and axis != 'steps':
-        if given_on_command_line('num_steps'):
-            raise click.BadParameter('give --steps or --nfe, not both', param_hint='--nfe')
-        sampler_kwargs['num_steps'] = steps_for_nfe(opts.get('solver'), opts['nfe'], '--nfe')
-    device = dist.init()
-    if quant_filter not in FILTERS:
-        raise click.BadParameter(f'{quant_filter!r} is not one of {", ".join(FILTERS)}', param_hint='--quant_filter')
-
-    # Which networks.
+def find_networks(opts):
+    """[(kimg, path)]: the one --network file, or the run directory's checkpoints within --ckpt..--end_ckpt."""
     if opts['network_pkl'] is not None:
-        networks = [(network_kimg(opts['network_pkl']), opts['network_pkl'])]
-    else:
-        try:
-            networks = list_run_checkpoints(opts['outdir'], opts['ckpt'], opts['end_ckpt'], opts['edm'],
-                                            opts['use_pickle'])
-        except FileNotFoundError as err:
-            raise click.ClickException(f'--outdir: {err}; pass --network=<file> or a training run directory') from None
-        if not networks:
-            raise click.ClickException(f'--outdir: no checkpoints in "{opts["outdir"]}" within --ckpt={opts["ckpt"]}'
-                                       f'..--end_ckpt={opts["end_ckpt"]}; pass --network=<file> or a run directory')
-    plain_outdir = opts['network_pkl'] is not None and axis is None  # generate.py --network: E's layout
+        return [(network_kimg(opts['network_pkl']), opts['network_pkl'])]
+    try:
+        networks = list_run_checkpoints(opts['outdir'], opts['ckpt'], opts['end_ckpt'], opts['edm'],
+                                        opts['use_pickle'])
+    except FileNotFoundError as err:
+        raise ValueError(f'--outdir: {err}; pass --network=<file> or a training run directory') from None
+    if not networks:
+        raise ValueError(f'--outdir: no checkpoints in "{opts["outdir"]}" within --ckpt={opts["ckpt"]}'
+                         f'..--end_ckpt={opts["end_ckpt"]}; pass --network=<file> or a run directory')
+    return networks
 
-    # Validate every network and sweep value before anything is written.
-    for kimg, path in networks:
-        net = _load(path)
-        try:
-            check_prior_options(net, opts['pfgmpp'], opts['aug_dim'], path)
-            check_class(net, opts['class_idx'], path)
-            for value in values:
-                kwargs = aligned_sampler_kwargs(net, sampler_kwargs, opts['align'])
-                if axis == 'steps':
-                    kwargs['num_steps'] = value
-                sampling.prior_sigma(net, **kwargs)
-        except ValueError as err:
-            raise click.ClickException(str(err)) from None
-        del net
 
+def sweep_settings(net, opts, sampler_kwargs, axis, value):
+    """(sampler kwargs, noise α) of one folder: --align applied, the sweep's step count or α set."""
+    kwargs = aligned_sampler_kwargs(net, sampler_kwargs, opts['align'])
+    if axis == 'steps':
+        kwargs['num_steps'] = value
+    return kwargs, (value if axis == 'alpha' else 0)
+
+
+def load_checked_network(path, opts, sampler_kwargs, axis, values):
+    """The network of `path` (on the CPU), after checking the options and every sweep value against it."""
+    net = load_network(path)
+    check_prior_options(net, opts['pfgmpp'], opts['aug_dim'], path)
+    check_class(net, opts['class_idx'], path)
+    for value in values:
+        sampling.prior_sigma(net, **sweep_settings(net, opts, sampler_kwargs, axis, value)[0])
+    return net
+
+
+def output_folder(opts, kimg, axis, value):
+    """(folder, name, subdirs, only_missing): generate.py --network writes straight into --outdir, as EDM's does;
+    everything else into ckpt_* folders, completing partial ones."""
+    if opts['network_pkl'] is not None and axis is None:
+        return opts['outdir'], None, opts['subdirs'], False
+    name = folder_name(kimg, opts['seeds'], axis, value, opts.get('solver'))
+    return os.path.join(opts['outdir'], name), name, True, True
+
+
+def sweep_network(net, kimg, opts, sampler_kwargs, axis, values, quant_filter, device):
+    """Write one network's folders, one per sweep value."""
+    original = {name: p.detach().clone() for name, p in net.named_parameters()} if axis == 'quant' else None
+    # Quantisation below rewrites the weights in place, so the compiled call keeps working on them.
+    net_call = prepare_network(net, opts.get('precision'), opts.get('compile', False),
+                               opts.get('channels_last', False), opts.get('bench', False))
     grid = opts['grid']
     if opts['save_images'] and grid is None:
         grid = os.path.join(opts['outdir'], 'grid.png')
-    for kimg, path in networks:
+    for value in values:
+        kwargs, noise_alpha = sweep_settings(net, opts, sampler_kwargs, axis, value)
+        if axis == 'quant':
+            net.load_state_dict(original, strict=False)
+            names = quantize_weights(net, value, quant_filter)
+            dist.print0(f'Quantised {len(names)} weight tensors to {value} bits ({quant_filter} filter)')
+        folder, name, subdirs, only_missing = output_folder(opts, kimg, axis, value)
+        generate_folder(net_call, opts['seeds'], folder, sampler_kwargs=kwargs, noise_alpha=noise_alpha,
+                        class_idx=opts['class_idx'], batch_size=opts['max_batch_size'], subdirs=subdirs,
+                        only_missing=only_missing, grid=None if grid is None else grid_file(grid, name),
+                        grid_only=opts['save_images'], device=device, desc=name or 'images')
+
+
+def run(opts, device, axis=None, values=(None,), quant_filter='layers'):
+    """Drive one script: `opts` are its options by name (generate_cli.py), `axis` None, 'alpha', 'steps' or 'quant'
+    with its list of values. Raises ValueError (CheckpointError included) or FileNotFoundError before writing a
+    network's folders when the network or an option does not fit: for the first network before anything is
+    written. Each network is loaded once; with many checkpoints, one that fails to load stops the run after the
+    earlier ones' folders are complete (a rerun skips them)."""
+    check_choice('axis', axis, SWEEP_AXES)
+    check_choice('quant_filter', quant_filter, FILTERS)
+    sampler_kwargs = {key: opts[key] for key in SAMPLER_OPTIONS if opts.get(key) is not None}
+    for kimg, path in find_networks(opts):
         dist.print0(f'Loading network from "{path}"...')
-        net = _load(path).to(device)
-        original = {name: p.detach().clone() for name, p in net.named_parameters()} if axis == 'quant' else None
-        # Quantisation below rewrites the weights in place, so the compiled call keeps working on them.
-        net_call = prepare_network(net, opts.get('precision'), opts.get('compile', False),
-                                   opts.get('channels_last', False), opts.get('bench', False))
-        for value in values:
-            kwargs = aligned_sampler_kwargs(net, sampler_kwargs, opts['align'])
-            noise_alpha = 0
-            if axis == 'alpha':
-                noise_alpha = value
-            elif axis == 'steps':
-                kwargs['num_steps'] = value
-            elif axis == 'quant':
-                net.load_state_dict(original, strict=False)
-                names = quantize_weights(net, value, quant_filter)
-                dist.print0(f'Quantised {len(names)} weight tensors to {value} bits ({quant_filter} filter)')
-            if plain_outdir:
-                folder, name, subdirs, only_missing = opts['outdir'], None, opts['subdirs'], False
-            else:
-                name = folder_name(kimg, seeds, axis, value, opts.get('solver'))
-                folder, subdirs, only_missing = os.path.join(opts['outdir'], name), True, True
-            generate_folder(net_call, seeds, folder, sampler_kwargs=kwargs, noise_alpha=noise_alpha,
-                            class_idx=opts['class_idx'], batch_size=opts['max_batch_size'], subdirs=subdirs,
-                            only_missing=only_missing, grid=None if grid is None else grid_file(grid, name),
-                            grid_only=opts['save_images'], device=device, desc=name or 'images')
-        del net, net_call
+        net = load_checked_network(path, opts, sampler_kwargs, axis, values)
+        sweep_network(net.to(device), kimg, opts, sampler_kwargs, axis, values, quant_filter, device)
+        del net
     dist.print0('Done.')
-    dist.shutdown()
