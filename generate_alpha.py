@@ -6,7 +6,7 @@ added to x. One folder `ckpt_{kimg:06d}_alpha_{α}` per checkpoint and α.
 
 import click
 
-from generate_cli import common_options, float_list, run_script
+from generate import common_options, float_list, run_script
 
 
 @click.command()

@@ -7,7 +7,7 @@ quantisation of the weights to b bits, from the original weights for every b. On
 
 import click
 
-from generate_cli import common_options, int_list, run_script
+from generate import common_options, int_list, run_script
 from training.quantize import FILTERS
 
 

@@ -8,7 +8,7 @@
 
 import click
 
-from generate_cli import common_options, given_on_command_line, int_list, run_script, steps_for_nfe
+from generate import common_options, given_on_command_line, int_list, run_script, steps_for_nfe
 
 
 @click.command()

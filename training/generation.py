@@ -1,8 +1,8 @@
 """The engine behind generate.py, generate_alpha.py, generate_steps.py and generate_quant.py.
 
 One job = one network (+ one sweep value) → one folder of `{seed:06d}.png` files. The scripts differ only in the
-sweep axis (none, α, steps, bits), so they share the command line (generate_cli.py, the only part that knows
-click) and the driver here (`run`), which raises ValueError for bad input.
+sweep axis (none, α, steps, bits), so they share the command line (defined in generate.py, the only part that
+knows click) and the driver here (`run`), which raises ValueError for bad input.
 
 Two ways to name the networks:
 - `--network=<file>`: one file (our training state, or a reference `network-snapshot-*.pkl` / `training-state-*.pt`)
@@ -335,7 +335,7 @@ def sweep_network(net, kimg, opts, sampler_kwargs, axis, values, quant_filter, d
 
 
 def run(opts, device, axis=None, values=(None,), quant_filter='layers'):
-    """Drive one script: `opts` are its options by name (generate_cli.py), `axis` None, 'alpha', 'steps' or 'quant'
+    """Drive one script: `opts` are its options by name (generate.py), `axis` None, 'alpha', 'steps' or 'quant'
     with its list of values. Raises ValueError (CheckpointError included) or FileNotFoundError before writing a
     network's folders when the network or an option does not fit: for the first network before anything is
     written. Each network is loaded once; with many checkpoints, one that fails to load stops the run after the
