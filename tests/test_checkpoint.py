@@ -14,8 +14,11 @@ from training import checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Writes a training state whose torch.save stops half way, says so, and waits to be killed.
+# SIGINT gets Python's KeyboardInterrupt even when the test runs in the background (where the shell starts children
+# with SIGINT ignored), as it does for a user's Ctrl-C.
 KILLED_WRITER = '''
-import io, sys, time
+import io, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, sys.argv[2])
 import torch
 from training import checkpoint
