@@ -300,6 +300,12 @@ def test_rank_batches_cover_every_seed_once():
         assert all(len(b) <= 4 for r in range(world) for b in distributed.rank_batches(seeds, 4, r, world))
 
 
+def test_an_unknown_sweep_axis_is_a_value_error():
+    """Catches the axis check crashing on its own message (None among the choices) instead of naming the axis."""
+    with pytest.raises(ValueError, match="got 'bits'"):
+        generation.run({}, 'cpu', axis='bits')
+
+
 def test_folder_names():
     assert generation.folder_name(2500, [0, 1]) == 'ckpt_002500'
     assert generation.folder_name(2500, range(50000, 99999), 'alpha', 0.1) == 'ckpt_2_002500_alpha_0.1'

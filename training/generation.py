@@ -340,7 +340,8 @@ def run(opts, device, axis=None, values=(None,), quant_filter='layers'):
     network's folders when the network or an option does not fit: for the first network before anything is
     written. Each network is loaded once; with many checkpoints, one that fails to load stops the run after the
     earlier ones' folders are complete (a rerun skips them)."""
-    check_choice('axis', axis, SWEEP_AXES)
+    if axis not in SWEEP_AXES:  # check_choice cannot list None among the choices
+        raise ValueError(f'axis must be None or one of alpha, steps, quant, got {axis!r}')
     check_choice('quant_filter', quant_filter, FILTERS)
     sampler_kwargs = {key: opts[key] for key in SAMPLER_OPTIONS if opts.get(key) is not None}
     for kimg, path in find_networks(opts):

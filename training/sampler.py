@@ -16,6 +16,7 @@ it by zero: the same images); ablation_sampler always draws it.
 """
 
 import functools
+import inspect
 import math
 
 import torch
@@ -206,10 +207,6 @@ def multistep_sampler(net, latents, class_labels=None, randn_like=torch.randn_li
 # ----------------------------------------------------------------------------------------------------------------
 # The ablation sampler of EDM §3 (Table 1 / Fig. 2): any solver × discretisation × schedule × scaling.
 
-_ABLATION_SCHEDULE_KEYS = ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'discretization', 'schedule', 'scaling',
-                           'epsilon_s', 'C_1', 'C_2', 'M')
-
-
 class _AblationSchedule:
     """σ(t), σ'(t), σ⁻¹, s(t), s'(t) and the time grid t_0 > … > t_{n−1}, t_n = 0 (Python floats). The defaults
     are EDM's (its ablation sampler's); σ_min/σ_max None: the discretisation's own."""
@@ -268,6 +265,10 @@ class _AblationSchedule:
         sigma, s = self.sigma(t), self.s(t)
         denoised = denoise(self.net, x / s, sigma, class_labels)
         return (self.sigma_deriv(t) / sigma + self.s_deriv(t) / s) * x - self.sigma_deriv(t) * s / sigma * denoised
+
+
+# The options that name the ablation schedule: _AblationSchedule's parameters after `net`.
+_ABLATION_SCHEDULE_KEYS = tuple(inspect.signature(_AblationSchedule).parameters)[1:]
 
 
 def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, solver='heun', alpha=1,
