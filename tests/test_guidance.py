@@ -262,3 +262,26 @@ def test_fid_reads_guided_folder_names_back_and_keeps_them_apart():
     assert len(fid.plot_lines(folders, 'steps')) == 5 and fid.min_over_seed_sets(folders) == {}
     for bad in ['ckpt_000008_cfg_steps_5', 'ckpt_000008_steps_5_cfg2', 'ckpt_000008_cfg2_gi0.3_steps_5']:
         assert fid.parse_folder_name(bad) is None, bad
+
+
+def test_experiment_knows_the_class_generate_gives_each_seed(checkpoints, tmp_path):
+    """Catches the experiment scoring samples against other classes than generate.py drew for them (a draw-order
+    drift would make every accuracy wrong): each seed's image equals its image with --class set to that class."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+    import guidance_experiment
+    net_call = generation.prepare_network(load_network(checkpoints['main']))
+    seeds, kwargs = list(range(6)), dict(num_steps=2)
+    wanted = guidance_experiment.seed_class_indices(net_call, seeds, kwargs)
+    assert len(set(wanted.tolist())) > 1
+    free = generation.generate_batch(net_call, seeds, kwargs)
+    for i, (seed, label) in enumerate(zip(seeds, wanted)):
+        fixed = generation.generate_batch(net_call, [seed], kwargs, class_idx=int(label))
+        other = generation.generate_batch(net_call, [seed], kwargs, class_idx=int(label + 1) % 3)
+        assert torch.allclose(free[i:i + 1], fixed, rtol=1e-5, atol=1e-5)  # batch 6 vs 1: rounding only
+        assert not torch.allclose(free[i:i + 1], other, rtol=1e-2, atol=1e-2)
+    # The classifier's data: the dataset's images with their labels, in [0, 1].
+    data = make_image_zip(str(tmp_path / 'labelled.zip'), num=12, resolution=8, channels=1, labels=True)
+    images, labels = guidance_experiment.read_labelled_zip(data)
+    assert images.shape == (12, 64) and 0 <= images.min() and images.max() <= 1 and images.max() > 0.5
+    assert sorted(labels.tolist()) == sorted(i % 10 for i in range(12))
