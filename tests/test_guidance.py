@@ -10,6 +10,8 @@ import torch
 from click.testing import CliRunner
 
 import generate
+import generate_alpha
+import generate_quant
 import generate_steps
 import train
 from data_helpers import make_image_zip
@@ -181,6 +183,11 @@ def test_weight_one_gives_todays_bytes_and_other_weights_change_them(checkpoints
     result = generate_to(str(tmp_path / 'cfg'), checkpoints['main'], '--guidance=3')
     assert 'the guide ran at 5 of 5 network evaluations' in result.output
     generate_to(str(tmp_path / 'ag'), checkpoints['main'], '--guidance=3', f'--guide-network={checkpoints["early"]}')
+    # EDM's 18-step grid has 4 levels in [0.3, 5], each evaluated twice by Heun (docs/guidance.md quotes this line).
+    result = generate_to(str(tmp_path / 'interval'), checkpoints['main'], '--guidance=3', '--steps=18',
+                         '--guidance-interval=0.3,5', '--seeds=0')
+    assert ('Guidance W=3, CFG (batched with the null label) for sigma in [0.3, 5]: the guide ran at 8 of 35 '
+            'network evaluations (23%)') in result.output
     cfg, ag = read_bytes(str(tmp_path / 'cfg')), read_bytes(str(tmp_path / 'ag'))
     assert all(cfg[k] != plain[k] and ag[k] != plain[k] and ag[k] != cfg[k] for k in plain)
 
@@ -199,18 +206,23 @@ def test_cfg_at_weight_zero_is_sampling_with_the_null_label(checkpoints):
     assert not np.array_equal(generation.to_uint8(conditional), generation.to_uint8(null))
 
 
-def test_run_dir_sweep_folder_names_say_what_was_guided(checkpoints, tmp_path):
-    """Catches guided images landing in the unguided folder (a rerun would then skip or mix them)."""
+@pytest.mark.parametrize('script, sweep, folders', [
+    (generate_steps, '--step_list=2,3', ['ckpt_000008_ag2_gi0.5-10_steps_2', 'ckpt_000008_ag2_gi0.5-10_steps_3']),
+    (generate_alpha, '--alpha_list=0,0.1', ['ckpt_000008_ag2_gi0.5-10_alpha_0', 'ckpt_000008_ag2_gi0.5-10_alpha_0.1']),
+    (generate_quant, '--bits_list=6', ['ckpt_000008_ag2_gi0.5-10_quant_6']),
+])
+def test_run_dir_sweep_folder_names_say_what_was_guided(script, sweep, folders, checkpoints, tmp_path):
+    """Catches guided images landing in the unguided folder (a rerun would then skip or mix them), and a sweep
+    that drops the guidance options."""
     run = tmp_path / 'run'
     run.mkdir()
     os.link(checkpoints['main'], run / 'training-state-000008.pt')
-    result = CliRunner().invoke(generate_steps.main, [f'--outdir={run}', '--seeds=0-1', '--step_list=2,3',
-                                                      '--guidance=2', '--guidance-interval=0.5,10',
-                                                      f'--guide-network={checkpoints["early"]}'],
+    result = CliRunner().invoke(script.main, [f'--outdir={run}', '--seeds=0-1', '--steps=2', sweep, '--guidance=2',
+                                              '--guidance-interval=0.5,10', f'--guide-network={checkpoints["early"]}'],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert sorted(p for p in os.listdir(run) if p.startswith('ckpt')) == [
-        'ckpt_000008_ag2_gi0.5-10_steps_2', 'ckpt_000008_ag2_gi0.5-10_steps_3']
+    assert sorted(p for p in os.listdir(run) if p.startswith('ckpt')) == folders
+    assert result.output.count('Guidance W=2, autoguidance for sigma in [0.5, 10]') == len(folders)
 
 
 def test_cfg_on_a_network_without_label_dropout_warns(checkpoints, tmp_path):
@@ -285,3 +297,21 @@ def test_experiment_knows_the_class_generate_gives_each_seed(checkpoints, tmp_pa
     images, labels = guidance_experiment.read_labelled_zip(data)
     assert images.shape == (12, 64) and 0 <= images.min() and images.max() <= 1 and images.max() > 0.5
     assert sorted(labels.tolist()) == sorted(i % 10 for i in range(12))
+
+
+def test_torchrun_two_ranks_match_one_process_with_autoguidance(checkpoints, tmp_path):
+    """Catches guidance that depends on the rank or the batch (e.g. a guide loaded on one rank only)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [f'--network={checkpoints["main"]}', '--seeds=0-3', '--steps=3', '--batch=2', '--guidance=2',
+            f'--guide-network={checkpoints["early"]}', '--guidance-interval=0.5,10']
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    assert CliRunner().invoke(generate.main, args + [f'--outdir={one}']).exit_code == 0
+    env = {k: v for k, v in os.environ.items() if k != 'PFGMPP_DEVICE'}
+    env['OMP_NUM_THREADS'] = '1'
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           'generate.py', *args, f'--outdir={two}'], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_bytes(one) == read_bytes(two) and len(read_bytes(one)) == 4
