@@ -228,7 +228,8 @@ def write_plot(results, path):
         for panel in panels[:, column]:
             panel.set_xlabel('guidance weight W')
             panel.grid(alpha=0.3)
-        panels[0][column].legend(fontsize='small')
+        if panels[0][column].lines:
+            panels[0][column].legend(fontsize='small')
     figure.tight_layout()
     with atomic_write(path) as f:
         figure.savefig(f, format='png', dpi=100)
