@@ -219,7 +219,7 @@ def load_guide(opts, device):
                            opts.get('channels_last', False), opts.get('bench', False))
 
 
-def report_guidance(net_call, sampler_kwargs):
+def report_guidance(net_call):
     """One line saying how much of the sampling was guided, from the guided denoiser's own counts."""
     if not isinstance(net_call, guidance_mod.GuidedDenoiser) or not net_call.evaluations:
         return
@@ -390,7 +390,7 @@ def sweep_network(net, kimg, opts, sampler_kwargs, axis, values, quant_filter, d
                         class_idx=opts['class_idx'], batch_size=opts['max_batch_size'], subdirs=subdirs,
                         only_missing=only_missing, grid=None if grid is None else grid_file(grid, name),
                         grid_only=opts['save_images'], device=device, desc=name or 'images')
-        report_guidance(net_call, kwargs)
+        report_guidance(net_call)
 
 
 def run(opts, device, axis=None, values=(None,), quant_filter='layers'):
