@@ -170,8 +170,10 @@ class Experiment:
         return float((self.classifier.predict(images / 255.0) == wanted).mean())
 
     def run(self):
+        """Every folder sampled and classified first (cheap), then the FIDs (an Inception pass per image)."""
         self.prepare()
         jobs = [(label, setting) for setting in self.settings() for label, _ in MODELS]
+        keys = []
         for index, (label, (kind, weight, interval)) in enumerate(jobs):
             folder = self.folder(label, kind, weight, interval)
             key = os.path.relpath(folder, self.out)
@@ -183,14 +185,19 @@ class Experiment:
             entry.update(model=label, kind=kind, weight=weight, interval=interval)
             if 'accuracy' not in entry:
                 entry['accuracy'] = self.accuracy(label, folder)
+                print(f'    {key}: class accuracy {entry["accuracy"]:.3f}', flush=True)
             self.results['folders'][key] = entry
             self.save()
+            keys.append((key, folder))
+        for index, (key, folder) in enumerate(keys):
+            entry = self.results['folders'][key]
             if 'fid' not in entry:
-                print(f'[{index + 1}/{len(jobs)}] FID {key}', flush=True)
-                entry['fid'] = float(self.command(f'fid-{slug(label)}', 'fid.py', 'calc', f'--images={folder}',
-                                                  f'--ref={self.ref}', f'--num={self.num_images}', '--workers=1'))
+                print(f'[{index + 1}/{len(keys)}] FID {key}', flush=True)
+                entry['fid'] = float(self.command(f'fid-{slug(entry["model"])}', 'fid.py', 'calc',
+                                                  f'--images={folder}', f'--ref={self.ref}',
+                                                  f'--num={self.num_images}', '--workers=1'))
                 self.save()
-            print(f'    {key}: accuracy {entry["accuracy"]:.3f}, FID {entry["fid"]:.2f}', flush=True)
+                print(f'    {key}: FID {entry["fid"]:.2f}', flush=True)
 
 
 # --- the report ------------------------------------------------------------------------------------------------
@@ -201,8 +208,8 @@ def curve_label(kind, interval):
 
 
 def curves(results, model):
-    """{curve label: [(W, accuracy, FID)]}, the unguided W = 1 folder at the start of every curve."""
-    entries = [e for e in results['folders'].values() if e['model'] == model and 'fid' in e]
+    """{curve label: [(W, accuracy, FID or None)]}, the unguided W = 1 folder at the start of every curve."""
+    entries = [dict(e, fid=e.get('fid')) for e in results['folders'].values() if e['model'] == model]
     base = [e for e in entries if e['weight'] == 1]
     lines = {}
     for e in entries:
@@ -220,7 +227,8 @@ def write_plot(results, path):
     for column, (model, _) in enumerate(MODELS):
         for label, points in curves(results, model).items():
             style = '--' if 'σ' in label else '-'
-            panels[0][column].plot([p[0] for p in points], [p[2] for p in points], style, marker='o', label=label)
+            scored = [p for p in points if p[2] is not None]
+            panels[0][column].plot([p[0] for p in scored], [p[2] for p in scored], style, marker='o', label=label)
             panels[1][column].plot([p[0] for p in points], [p[1] for p in points], style, marker='o', label=label)
         panels[0][column].set_title(model)
         panels[0][column].set_ylabel('FID')
@@ -266,7 +274,7 @@ def report_text(results, experiment, plot_name):
         lines += [f'**{model}** (accuracy / FID)', '', '| guide | ' + ' | '.join(f'W={w:g}' for w in weights) + ' |',
                   '|---|' + '---:|' * len(weights)]
         for label, points in table.items():
-            cells = {w: f'{acc:.3f} / {fid:.1f}' for w, acc, fid in points}
+            cells = {w: f'{acc:.3f} / ' + ('FID pending' if fid is None else f'{fid:.1f}') for w, acc, fid in points}
             lines.append(f'| {label} | ' + ' | '.join(cells.get(w, 'not measured') for w in weights) + ' |')
         lines.append('')
     seconds = sum(results.get('seconds', {}).values())

@@ -328,13 +328,13 @@ def test_experiment_report_tabulates_what_was_measured_and_names_the_rest(tmp_pa
     results = dict(classifier_real_accuracy=0.99, seconds={'a': 1800, 'b': 1800}, folders={
         'a': entry('cfg', 1.0, None, 0.80, 30.0), 'b': entry('cfg', 2.0, None, 0.90, 25.5),
         'c': entry('ag', 4.0, [0.3, 5], 0.85, 40.25), 'd': dict(entry('cfg', 4.0, None, 0.95, 0), fid=None)})
-    del results['folders']['d']['fid']  # sampled and classified, FID not computed yet: not in the table
+    del results['folders']['d']['fid']  # sampled and classified, FID not computed yet
     report = tmp_path / 'guidance.md'
     report.write_text(f'# Title\n\n{ge.MARK_BEGIN}\nold\n{ge.MARK_END}\ntail\n')
     ge.write_report(results, experiment, str(report))
     text = report.read_text()
     assert text.startswith('# Title\n\n') and text.endswith('\ntail\n') and 'old' not in text
-    assert '| CFG | 0.800 / 30.0 | 0.900 / 25.5 | not measured |' in text
+    assert '| CFG | 0.800 / 30.0 | 0.900 / 25.5 | 0.950 / FID pending |' in text
     assert '| autoguidance, σ ∈ [0.3, 5] | 0.800 / 30.0 | not measured | 0.850 / 40.2 |' in text
     assert 'EDM: not measured yet.' in text and 'scores 0.990' in text and '1.00 h of work' in text
     assert (tmp_path / 'guidance.png').stat().st_size > 1000
