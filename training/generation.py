@@ -140,10 +140,9 @@ def list_run_checkpoints(run_dir, ckpt=0, end_ckpt=100000000, edm=False, use_pic
         pattern = 'network-snapshot-*.pkl' if edm else 'training-state-*.pkl'
         found = sorted((network_kimg(p), p) for p in glob.glob(os.path.join(glob.escape(run_dir), pattern)))
     else:
-        found = find_checkpoints(run_dir) + sorted(
-            (phema.output_file_kimg(name), os.path.join(run_dir, name)) for name in os.listdir(run_dir)
-            if phema.output_file_kimg(name) is not None)
-        found.sort(key=lambda item: (item[0], phema.output_file_std(item[1]) or 0))
+        found = find_checkpoints(run_dir) + [(phema.output_file_kimg(name), os.path.join(run_dir, name))
+                                             for name in os.listdir(run_dir) if phema.output_file_kimg(name) is not None]
+        found.sort(key=lambda item: (item[0], phema.output_file_std(item[1]) or 0))  # the training state first
     if not edm:
         found = [(kimg, path) for kimg, path in found if ckpt <= kimg <= end_ckpt]
     return found

@@ -15,6 +15,8 @@ Semantics kept from the reference (documented because they are visible in result
 
 Resume is exact: a training state holds the network, EMA, Adam, cur_nimg, the tick counters, the position in the
 data stream and every process's RNG states (torch CPU/CUDA, numpy); see training/checkpoint.py.
+Post-hoc EMA tracks (phema_stds; training/phema.py) are updated after every step, written as snapshots by rank 0
+and travel in the training state.
 """
 
 import contextlib
