@@ -55,8 +55,8 @@ def _parse_images(ctx, param, value):
 @click.option('--variable', type=click.Choice(likelihood.VARIABLES), default='sigma', show_default=True,
               help='Integrate in sigma or in log(sigma) (docs/likelihood.md compares them)')
 @click.option('--exact-trace', 'exact_trace', is_flag=True,
-              help='Exact divergence (one backward pass per dimension: small images only) instead of Hutchinson\'s '
-                   'estimate with one Rademacher probe per image')
+              help='Exact divergence (the network runs on N copies of each image per step: small images only) '
+                   'instead of Hutchinson\'s estimate with one Rademacher probe per image')
 @click.option('--ckpt', metavar='KIMG', type=int, default=0, show_default=True,
               help='Run-directory mode: first checkpoint (kimg) to use')
 @click.option('--end_ckpt', metavar='KIMG', type=int, default=100000000, show_default=True,

@@ -59,21 +59,32 @@ def dequantize(images_uint8, noise, bits=8):
     return (torch.as_tensor(images_uint8).to(torch.float64) + noise) / 2 ** (bits - 1) - 1
 
 
-def divergence(net, x, sigma, class_labels=None, probes=None):
+def divergence(net, x, sigma, class_labels=None, probes=None, max_rows=512):
     """(D(x; σ), tr ∂D/∂x per row) in float64; the trace is Hutchinson's εᵀJε when `probes` (shape of x) are given,
-    else exact (one backward pass per dimension)."""
+    else exact: the batch is repeated once per basis vector e_i (in chunks of at most `max_rows` rows per network
+    call) and one backward pass gives every e_iᵀJe_i, which batches far better than one backward pass per i."""
     with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        denoised = denoise(net, x, sigma, class_labels)
         if probes is not None:
+            x = x.detach().requires_grad_(True)
+            denoised = denoise(net, x, sigma, class_labels)
             (vjp,) = torch.autograd.grad(denoised, x, probes)
             return denoised.detach(), (vjp * probes).flatten(1).sum(1)
-        flat = denoised.flatten(1)
-        trace = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        for i in range(flat.shape[1]):
-            (row,) = torch.autograd.grad(flat[:, i].sum(), x, retain_graph=i < flat.shape[1] - 1)
-            trace += row.flatten(1)[:, i]
-        return denoised.detach(), trace
+        batch, N = x.shape[0], x[0].numel()
+        per_call = max(1, min(N, max_rows // batch))
+        trace = torch.zeros(batch, dtype=torch.float64, device=x.device)
+        denoised = None
+        for start in range(0, N, per_call):
+            count = min(per_call, N - start)  # copy k of the batch probes dimension start + k
+            copies = x.detach().repeat(count, *[1] * (x.ndim - 1)).requires_grad_(True)
+            labels = None if class_labels is None else class_labels.repeat(count, 1)
+            output = denoise(net, copies, sigma, labels)
+            basis = torch.zeros(count, batch, N, dtype=torch.float64, device=x.device)
+            basis[torch.arange(count), :, start + torch.arange(count)] = 1
+            basis = basis.reshape(copies.shape)
+            (vjp,) = torch.autograd.grad(output, copies, basis)
+            trace += (vjp * basis).flatten(1).sum(1).reshape(count, batch).sum(0)
+            denoised = output[:batch].detach() if denoised is None else denoised
+        return denoised, trace
 
 
 def ode_log_likelihood(net, x, sigma_min, sigma_max, D, class_labels=None, probes=None, rtol=1e-5, atol=1e-5,
