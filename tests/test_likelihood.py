@@ -321,3 +321,25 @@ def test_torchrun_two_ranks_match_one_process(files, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = (json.load(open(tmp_path / name / 'likelihood-000002.json'))['images'] for name in ('one', 'two'))
     assert one == two and len(one) == 3
+
+
+def test_digits_report_pairs_images_and_marks_missing_models():
+    """scripts/likelihood_digits.py's table: "vs EDM" is the mean and standard error of the per-image differences
+    (not the difference of the means with unpaired errors), and a model not yet measured says so. Catches
+    differences taken between different images or a table that hides a missing model."""
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    import likelihood_digits
+
+    def record(values):
+        rows = [dict(index=1500 + i, bits_per_dim=v, nfe=100) for i, v in enumerate(values)]
+        return dict(images=rows, summary=dict(likelihood.summarize(rows), seconds=1.0))
+
+    edm, d128 = [3.0, 4.0, 5.0], [3.1, 4.3, 5.2]
+    results = dict(recipe=dict(likelihood_digits.FULL, network=None), prior_error={'EDM': (1e-4, 2e-4)},
+                   models={'EDM': record(edm), 'D=128': record(d128)})
+    text = likelihood_digits.report(results)
+    diff = np.subtract(d128, edm)
+    expected = f'{diff.mean():+.4f} ± {diff.std(ddof=1) / math.sqrt(3):.4f}'
+    assert expected == '+0.2000 ± 0.0577'
+    assert f'| D=128 | {np.mean(d128):.4f} ± {np.std(d128, ddof=1) / math.sqrt(3):.4f} | {expected} |' in text
+    assert '| D=8 | not measured |' in text and '| D=2048 | not measured |' in text

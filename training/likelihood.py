@@ -14,10 +14,10 @@ down the ODE to σ_min, a proper density, evaluated at x₀ (not the limit σ �
 network untrained). With uniform dequantization, E[−log p_σmin(x₀ + u)] is then an upper bound on the discrete
 model's negative log-likelihood, up to solver error.
 
-`variable='log_sigma'` integrates in t = ln σ instead: dx/dt = x − D(x; e^t) and d(Δ)/dt = N − tr ∂D/∂x, which
-takes out the 1/σ stiffness of the σ form (docs/likelihood.md compares them). The trace is exact (N backward
-passes, small images) or Hutchinson's estimate εᵀ(∂D/∂x)ε with one Rademacher probe per image, held fixed
-along the whole path, so the estimate of the log-likelihood is unbiased.
+`variable='log_sigma'` integrates in t = ln σ instead: dx/dt = x − D(x; e^t) and d(Δ)/dt = N − tr ∂D/∂x, without
+the explicit 1/σ of the σ form (docs/likelihood.md measures whether that helps). The trace is exact (the network
+runs on N copies of the batch: small images) or Hutchinson's estimate εᵀ(∂D/∂x)ε with one Rademacher probe per
+image, held fixed along the whole path, so the estimate of the log-likelihood is unbiased.
 
 One solve_ivp call integrates a whole batch as one state vector, so the step sizes (and the NFE) are shared by the
 batch; a batch of one gives results that depend on the image and its seed only.
@@ -42,7 +42,8 @@ from training.pfgmpp import kernel_log_density
 from training.sampler import denoise
 
 __all__ = ['VARIABLES', 'rademacher', 'dequantize', 'divergence', 'ode_log_likelihood', 'bits_per_dim',
-           'mean_and_standard_error']
+           'mean_and_standard_error', 'image_randomness', 'evaluate_images', 'summarize', 'result_file',
+           'find_networks', 'open_images', 'check_sigma_range', 'evaluate_network', 'run']
 
 VARIABLES = ('sigma', 'log_sigma')
 
