@@ -213,8 +213,10 @@ def files(tmp_path_factory):
     data = make_image_zip(str(path / 'data.zip'), num=5, resolution=8, channels=1)
     data4 = make_image_zip(str(path / 'data4.zip'), num=2, resolution=4, channels=1)
     wrong = make_image_zip(str(path / 'rgb.zip'), num=2, resolution=8, channels=3)
+    cond = write_checkpoint(str(path / 'cond.pt'), tiny_config(D=8.0, label_dim=3), seed=4)
+    labelled = make_image_zip(str(path / 'labelled.zip'), num=3, resolution=8, channels=1, labels=True)
     return dict(run=str(run), pfgm=str(run / state_file_name(2)), edm=edm, small=small, data=data, data4=data4,
-                rgb=wrong)
+                rgb=wrong, cond=cond, labelled=labelled)
 
 
 def invoke(args):
@@ -243,6 +245,24 @@ def test_cli_writes_what_the_library_computes(files, tmp_path):
     assert row['bits_per_dim'] == pytest.approx(-row['log_p'] / (64 * math.log(2)) + 7)
     assert record['summary']['bits_per_dim'] == pytest.approx(np.mean([r['bits_per_dim'] for r in record['images']]))
     assert record['summary']['standard_error'] > 0
+
+
+def test_cli_conditional_network_gets_each_image_label(files, tmp_path):
+    """A class-conditional network is evaluated as log p(x | its label): catches labels dropped or mixed up."""
+    out = tmp_path / 'out'
+    result = invoke([f'--network={files["cond"]}', f'--data={files["labelled"]}', f'--outdir={out}', '--images=2']
+                    + FAST)
+    assert result.exit_code == 0, result.output
+    row = json.load(open(out / 'likelihood-000000.json'))['images'][0]
+    net = load_network(files['cond'])
+    image, label = ImageFolderDataset(files['labelled'], use_labels=True)[2]
+    assert label.argmax() == 2
+    noise, probe = likelihood.image_randomness(image.shape, 2)
+    x = likelihood.dequantize(torch.as_tensor(image)[None], noise[None])
+    kwargs = dict(sigma_min=0.02, sigma_max=20.0, D=8.0, probes=probe[None], rtol=1e-3, atol=1e-3, variable='sigma')
+    right = likelihood.ode_log_likelihood(net, x, class_labels=torch.as_tensor(label)[None], **kwargs)['log_p']
+    wrong = likelihood.ode_log_likelihood(net, x, class_labels=torch.eye(3)[[0]], **kwargs)['log_p']
+    assert row['log_p'] == pytest.approx(float(right[0]), abs=1e-9) and abs(float(wrong[0] - right[0])) > 1e-6
 
 
 def test_cli_results_depend_on_the_image_seed_only_and_reruns_resume(files, tmp_path):
@@ -297,6 +317,7 @@ def test_run_directory_mode_writes_one_file_per_checkpoint(files, tmp_path):
     (['--network={pfgm}', '--sigma_min=5', '--sigma_max=1'], 'sigma_min'),
     (['--network={pfgm}', '--images=2,2'], 'twice'),
     (['--network={pfgm}', '--data={missing}'], 'not found'),
+    (['--network={cond}'], 'needs matching labels'),
     ([], 'no training-state'),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(args, message, files, tmp_path):
