@@ -89,7 +89,7 @@ def divergence(net, x, sigma, class_labels=None, probes=None, max_rows=512):
 
 
 def ode_log_likelihood(net, x, sigma_min, sigma_max, D, class_labels=None, probes=None, rtol=1e-5, atol=1e-5,
-                       variable='log_sigma', prior_log_density=None, method='RK45'):
+                       variable='sigma', prior_log_density=None, method='RK45'):
     """log p_σmin(x) in nats per row, through the probability-flow ODE from σ_min up to σ_max.
 
     net: anything `training.sampler.denoise` can call (a network, or an exact denoiser in the tests). x: [B, ...]
