@@ -97,7 +97,7 @@ def ode_log_likelihood(net, x, sigma_min, sigma_max, D, class_labels=None, probe
     the exact trace, else Hutchinson probes of x's shape (`rademacher`). rtol/atol: solve_ivp's tolerances on the
     state (x and the accumulated divergence). prior_log_density: x_T → [B] log p_σmax, default the kernel at
     σ_max around 0. Returns a dict of float64 [B] tensors log_p, prior_log_p, delta_log_p (the divergence integral),
-    the final state x_T, and nfe (network evaluations, an int).
+    the final state x_T, and nfe (network evaluations, an int). method: solve_ivp's (RK45 by default).
     """
     if variable not in VARIABLES:
         raise ValueError(f'variable must be one of {", ".join(VARIABLES)}, got {variable!r}')
