@@ -123,7 +123,8 @@ def ode_log_likelihood(net, x, sigma_min, sigma_max, D, class_labels=None, probe
 
     span = (math.log(sigma_min), math.log(sigma_max)) if log_sigma else (sigma_min, sigma_max)
     state0 = torch.cat([x.flatten(), torch.zeros(batch, dtype=torch.float64, device=device)]).cpu().numpy()
-    solution = scipy.integrate.solve_ivp(rhs, span, state0, method=method, rtol=rtol, atol=atol)
+    solution = scipy.integrate.solve_ivp(rhs, span, state0, method=method, rtol=rtol, atol=atol,
+                                         t_eval=[span[1]])  # keep only the end state, not every step's
     if not solution.success:
         raise ValueError(f'the ODE solver failed: {solution.message}')
     final = torch.from_numpy(solution.y[:, -1]).to(device)
