@@ -188,6 +188,7 @@ def test_bits_per_dim_and_dequantization():
 
 
 def test_summary_mean_and_standard_error():
+    """Catches a population (ddof=0) standard deviation or a missing √n in the standard error."""
     rows = [dict(bits_per_dim=v, nfe=n) for v, n in [(1.0, 10), (2.0, 20), (4.0, 30)]]
     summary = likelihood.summarize(rows)
     assert summary['bits_per_dim'] == pytest.approx(7 / 3)
@@ -303,6 +304,8 @@ def test_cli_exact_trace_and_log_sigma_agree_with_hutchinson_on_average(files, t
 
 
 def test_run_directory_mode_writes_one_file_per_checkpoint(files, tmp_path):
+    """Without --network every training state of --outdir within --ckpt..--end_ckpt gets its file: catches the
+    range filter ignored or results written under the wrong kimg."""
     result = invoke([f'--outdir={files["run"]}', f'--data={files["data"]}', '--images=0', '--ckpt=1'] + FAST)
     assert result.exit_code == 0, result.output
     written = sorted(name for name in os.listdir(files['run']) if name.startswith('likelihood-'))
@@ -332,6 +335,8 @@ def test_bad_input_is_one_line_and_writes_nothing(args, message, files, tmp_path
 
 
 def test_torchrun_two_ranks_match_one_process(files, tmp_path):
+    """Two gloo processes share the images and gather them: catches rows lost or duplicated in the gather, or
+    randomness that depends on the rank."""
     common = [f'--network={files["pfgm"]}', f'--data={files["data"]}', '--images=0-2', '--batch=1'] + FAST
     assert invoke(common + [f'--outdir={tmp_path / "one"}']).exit_code == 0
     env = {k: v for k, v in os.environ.items() if k != 'PFGMPP_DEVICE'}
