@@ -328,7 +328,7 @@ def _set_up(options, device):
         run.net, o.optimizer_kwargs, run.device, precision=o.precision, compile=o.compile,
         channels_last=o.channels_last, world_size=run.world_size)
     run.ema = _restore(state, o.resume_state_dump, o.resume_pkl, run)
-    run.phema = _restore_phema(state, o.resume_state_dump, o.phema_stds, run.net)
+    run.phema = _restore_phema(state, o.resume_state_dump, o.phema_stds, o.phema_snap_kimg, run.net)
     _seed_random_streams(state, o.seed, run)
     return run
 
@@ -375,7 +375,7 @@ def _restore(state, state_path, transfer_path, run):
     return ema
 
 
-def _restore_phema(state, state_path, stds, net):
+def _restore_phema(state, state_path, stds, snap_kimg, net):
     """The post-hoc EMA tracks: new (fresh run), the state's (resume), or None. A track needs the iterates from
     the run's start, so tracks cannot be switched on, off or changed at a resume."""
     saved = state.get('phema') if state is not None else None
@@ -387,6 +387,8 @@ def _restore_phema(state, state_path, stds, net):
                          f'σ_rel list (or start a new run)')
     if wanted is None:
         return None
+    if not round(snap_kimg * 1000) >= 1:
+        raise ValueError(f'phema_snap_kimg must be at least 0.001 (one image), got {snap_kimg}')
     tracks = phema.PowerEMA(net, wanted)
     if saved is not None:
         tracks.load_state_dict(saved)
