@@ -111,7 +111,7 @@ def test_interval_and_folder_tags():
             guidance.parse_interval(bad)
     assert guidance.folder_tag(1, False, (0.3, 5)) == ''
     assert guidance.folder_tag(2, False) == 'cfg2' and guidance.folder_tag(1.5, True, (0.3, 5)) == 'ag1.5_gi0.3-5'
-    assert generation.folder_name(7, [0], 'steps', 9, 'dpm2m', 'cfg2_gi0.3-5') == 'ckpt_000007_dpm2m_cfg2_gi0.3-5_steps_9'
+    assert generation.folder_name(7, [0], 'steps', 9, 'dpm2m', guidance='cfg2_gi0.3-5') == 'ckpt_000007_dpm2m_cfg2_gi0.3-5_steps_9'
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,12 +255,13 @@ def test_fid_reads_guided_folder_names_back_and_keeps_them_apart():
     """Catches fid.py dropping guided folders, or grouping them with unguided ones (the minimum over seed sets
     and the plotted lines would then mix guided and unguided FIDs)."""
     import fid
-    names = {generation.folder_name(8, [0], 'steps', 5, None, guidance.folder_tag(*tag)): tag
+    names = {generation.folder_name(8, [0], 'steps', 5, guidance=guidance.folder_tag(*tag)): tag
              for tag in [(1, False), (2, False), (1.5, True, (0.3, 5)), (3, False, (0.01, float('inf')))]}
-    names[generation.folder_name(8, [50000], 'steps', 5, 'dpm2m', 'cfg2')] = 'dpm2m'
+    names[generation.folder_name(8, [50000], 'steps', 5, 'dpm2m', guidance='cfg2')] = 'dpm2m'
+    names[generation.folder_name(8, [0], 'steps', 5, 'dpm2m', ema_std=0.07, guidance='ag2')] = 'ema'
     assert sorted(names) == ['ckpt_000008_ag1.5_gi0.3-5_steps_5', 'ckpt_000008_cfg2_steps_5',
-                             'ckpt_000008_cfg3_gi0.01-inf_steps_5', 'ckpt_000008_steps_5',
-                             'ckpt_2_000008_dpm2m_cfg2_steps_5']
+                             'ckpt_000008_cfg3_gi0.01-inf_steps_5', 'ckpt_000008_ema0.070_dpm2m_ag2_steps_5',
+                             'ckpt_000008_steps_5', 'ckpt_2_000008_dpm2m_cfg2_steps_5']
     folders = []
     for name in names:
         fields = fid.parse_folder_name(name)
@@ -271,7 +272,8 @@ def test_fid_reads_guided_folder_names_back_and_keeps_them_apart():
     assert tags['ckpt_000008_steps_5'] == ('heun', '') and tags['ckpt_000008_cfg2_steps_5'] == ('heun', 'cfg2')
     assert tags['ckpt_000008_ag1.5_gi0.3-5_steps_5'] == ('heun', 'ag1.5_gi0.3-5')
     assert tags['ckpt_2_000008_dpm2m_cfg2_steps_5'] == ('dpm2m', 'cfg2')
-    assert len(fid.plot_lines(folders, 'steps')) == 5 and fid.min_over_seed_sets(folders) == {}
+    assert tags['ckpt_000008_ema0.070_dpm2m_ag2_steps_5'] == ('dpm2m', 'ag2')
+    assert len(fid.plot_lines(folders, 'steps')) == 6 and fid.min_over_seed_sets(folders) == {}
     for bad in ['ckpt_000008_cfg_steps_5', 'ckpt_000008_steps_5_cfg2', 'ckpt_000008_cfg2_gi0.3_steps_5']:
         assert fid.parse_folder_name(bad) is None, bad
 
