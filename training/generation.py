@@ -79,8 +79,9 @@ def save_png(array, path):
         image.save(f, format='png')
 
 
-def save_grid(arrays, path):
-    """Tile HWC uint8 images into a square-ish grid (ceil(√n) columns) and write it atomically."""
+def save_grid(arrays, path, scale=1):
+    """Tile HWC uint8 images into a square-ish grid (ceil(√n) columns), enlarge it `scale` times (each pixel a
+    scale×scale block, so small images stay sharp) and write it atomically."""
     arrays = np.asarray(arrays)
     count, height, width, channels = arrays.shape
     cols = math.ceil(math.sqrt(count))
@@ -89,7 +90,7 @@ def save_grid(arrays, path):
     for i, image in enumerate(arrays):
         r, c = divmod(i, cols)
         grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = image
-    save_png(grid, path)
+    save_png(grid.repeat(scale, axis=0).repeat(scale, axis=1), path)
 
 
 def seed_set_prefix(seeds):
@@ -230,15 +231,17 @@ def _broadcast_from_rank0(value):
 
 
 def generate_folder(net, seeds, folder, *, sampler_kwargs, noise_alpha=0, class_idx=None, batch_size=64,
-                    subdirs=False, only_missing=True, grid=None, grid_only=False, device=None, desc=None):
+                    subdirs=False, only_missing=True, grid=None, grid_scale=1, grid_only=False, device=None,
+                    desc=None):
     """Write `{seed:06d}.png` for the seeds into `folder` (all ranks call this). only_missing: leave complete,
     valid images alone (what makes a crashed run resumable). grid: also write a grid of the first `batch_size`
-    seeds to that path; grid_only: write only the grid. Returns the number of images written by all ranks."""
+    seeds to that path, enlarged grid_scale times; grid_only: write only the grid. Returns the number of images written by all ranks."""
     rank, world = dist.get_rank(), dist.get_world_size()
     grid_seeds = seeds[:batch_size]
     if grid_only:
         if rank == 0:
-            save_grid(to_uint8(generate_batch(net, grid_seeds, sampler_kwargs, noise_alpha, class_idx, device)), grid)
+            save_grid(to_uint8(generate_batch(net, grid_seeds, sampler_kwargs, noise_alpha, class_idx, device)), grid,
+                      grid_scale)
         dist.barrier()
         return 0
     todo = seeds
@@ -258,7 +261,7 @@ def generate_folder(net, seeds, folder, *, sampler_kwargs, noise_alpha=0, class_
     dist.barrier()
     if grid is not None and rank == 0:
         save_grid([np.asarray(PIL.Image.open(image_path(folder, s, subdirs))).reshape(
-            net.img_resolution, net.img_resolution, net.img_channels) for s in grid_seeds], grid)
+            net.img_resolution, net.img_resolution, net.img_channels) for s in grid_seeds], grid, grid_scale)
     return len(todo)
 
 
@@ -273,6 +276,9 @@ SWEEP_AXES = (None, 'alpha', 'steps', 'quant')
 def find_networks(opts):
     """[(kimg, path)]: the one --network file, or the run directory's checkpoints within --ckpt..--end_ckpt."""
     if opts['network_pkl'] is not None:
+        if os.path.isdir(opts['network_pkl']):
+            raise ValueError(f'--network={opts["network_pkl"]} is a folder, not a network file; to sample every '
+                             f'checkpoint of a run directory, give it as --outdir without --network')
         return [(network_kimg(opts['network_pkl']), opts['network_pkl'])]
     try:
         networks = list_run_checkpoints(opts['outdir'], opts['ckpt'], opts['end_ckpt'], opts['edm'],
@@ -331,6 +337,7 @@ def sweep_network(net, kimg, opts, sampler_kwargs, axis, values, quant_filter, d
         generate_folder(net_call, opts['seeds'], folder, sampler_kwargs=kwargs, noise_alpha=noise_alpha,
                         class_idx=opts['class_idx'], batch_size=opts['max_batch_size'], subdirs=subdirs,
                         only_missing=only_missing, grid=None if grid is None else grid_file(grid, name),
+                        grid_scale=opts.get('grid_scale', 1),
                         grid_only=opts['save_images'], device=device, desc=name or 'images')
 
 
