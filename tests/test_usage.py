@@ -97,3 +97,27 @@ def test_grid_scale_enlarges_every_pixel_into_a_block(tmp_path):
     assert small.shape == (8, 12) and large.shape == (24, 36)
     assert np.array_equal(small[4:8, 0:4], images[3, :, :, 0])  # row-major tiling, 3 columns
     assert np.array_equal(large, np.kron(small, np.ones([3, 3], dtype=np.uint8)))
+
+
+def test_without_tensorboard_statistics_go_to_stats_jsonl_only(tmp_path, monkeypatch, capsys):
+    # tensorboard is optional: a missing package must not stop training (nor leave event files).
+    import json
+    import sys
+    from torch_utils.training_stats import StatsFiles
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # makes the import fail
+    with StatsFiles(str(tmp_path)) as stats:
+        stats.write({'Loss/loss': {'num': 2, 'mean': 0.5, 'std': 0.1}}, nimg=64, timestamp=12.5)
+    assert 'pip install tensorboard' in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ['stats.jsonl']
+    line = json.loads((tmp_path / 'stats.jsonl').read_text())
+    assert line == {'Loss/loss': {'num': 2, 'mean': 0.5, 'std': 0.1}, 'timestamp': 12.5}
+
+
+def test_demo_refuses_to_delete_a_folder_it_did_not_make(tmp_path, repo_root):
+    # Bug caught: scripts/demo.sh ran `rm -rf "$DEMO_DIR"` on whatever folder it was given.
+    import subprocess
+    (tmp_path / 'thesis.tex').write_text('years of work')
+    result = subprocess.run(['bash', os.path.join(repo_root, 'scripts', 'demo.sh')], capture_output=True, text=True,
+                            env=dict(os.environ, DEMO_DIR=str(tmp_path), PYTHON='false'), timeout=60)
+    assert result.returncode == 1 and 'was not made by the demo' in result.stderr
+    assert os.listdir(tmp_path) == ['thesis.tex']
