@@ -1,7 +1,9 @@
 """What a new user trips over: options that silently do nothing, misleading errors, options that look different in
 different scripts, grids too small to see."""
 
+import importlib
 import os
+import sys
 
 import click
 import numpy as np
@@ -11,12 +13,12 @@ from click.testing import CliRunner
 
 import fid
 import generate
-import generate_alpha
-import generate_quant
-import generate_steps
 import train
 from data_helpers import make_image_zip
 from training.generation import save_grid
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+import make_help_docs  # noqa: E402
 
 
 def invoke(command, args):
@@ -56,9 +58,17 @@ def test_network_given_a_run_directory_suggests_run_directory_mode(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
-SCRIPTS = {'train.py': train.main, 'generate.py': generate.main, 'generate_alpha.py': generate_alpha.main,
-           'generate_steps.py': generate_steps.main, 'generate_quant.py': generate_quant.main,
-           'fid.py calc': fid.calc, 'fid.py ref': fid.ref}
+def every_command():
+    """{'script [sub-command]': click command} for every script with a help file (new scripts included)."""
+    commands = {}
+    for script, paths in make_help_docs.HELP_DOCS.values():
+        main = importlib.import_module(script[:-len('.py')]).main
+        for path in paths:
+            commands[' '.join([script] + path)] = main.commands[path[0]] if path else main
+    return commands
+
+
+SCRIPTS = every_command()
 
 
 def test_every_bool_option_shows_the_metavar_BOOL():
@@ -102,7 +112,6 @@ def test_grid_scale_enlarges_every_pixel_into_a_block(tmp_path):
 def test_without_tensorboard_statistics_go_to_stats_jsonl_only(tmp_path, monkeypatch, capsys):
     # tensorboard is optional: a missing package must not stop training (nor leave event files).
     import json
-    import sys
     from torch_utils.training_stats import StatsFiles
     monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # makes the import fail
     with StatsFiles(str(tmp_path)) as stats:
