@@ -74,7 +74,8 @@ _COMMON_OPTIONS = [
                  help='Also write a grid of the first --batch images here (the folder name is appended when '
                       'several folders are written).'),
     click.option('--grid_scale', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True,
-                 help='Enlarge the grid this many times (each pixel a block; e.g. 4 for 16x16 images)'),
+                 help='Enlarge the grid this many times (each pixel a block, tiles set apart by grey lines; e.g. 3 '
+                      'for 16x16 images)'),
     click.option('--save_images', is_flag=True,
                  help='Reference option: write only the grids (to --grid, default <outdir>/grid.png), no image files.'),
     click.option('--steps', 'num_steps', metavar='INT', type=click.IntRange(min=2), default=18, show_default=True,

@@ -18,6 +18,7 @@ import pytest
 from torch.distributed.run import get_args_parser
 
 from training import fid_stats
+from training.generation import GRID_GAP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, 'README.md')).read()
@@ -142,9 +143,12 @@ def test_first_model_files_can_be_read_by_the_group(first_model):
 def test_first_model_grid_is_enlarged(first_model):
     folder, _ = first_model
     grid = np.asarray(PIL.Image.open(folder / 'grid.png'))
-    assert grid.shape == (3 * 16 * 3, 3 * 16 * 3)  # 8 images: 3 columns × 3 rows of 16×16, enlarged 3×
+    tile = 16 * 3 + GRID_GAP  # 8 images: 3 columns × 3 rows of 16×16, enlarged 3×, with lines between them
+    assert grid.shape == (3 * tile + GRID_GAP, 3 * tile + GRID_GAP)
     sample = np.asarray(PIL.Image.open(folder / 'samples' / '000004.png'))
-    assert np.array_equal(grid[48:96:3, 48:96:3], sample) and np.array_equal(grid[49:96:3, 50:96:3], sample)
+    y = x = GRID_GAP + tile  # the middle tile
+    assert np.array_equal(grid[y:y + 48:3, x:x + 48:3], sample)
+    assert np.array_equal(grid[y + 1:y + 48:3, x + 2:x + 48:3], sample)
 
 
 def test_first_model_tensorboard_events_match_stats_jsonl(first_model):

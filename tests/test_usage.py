@@ -15,7 +15,7 @@ import fid
 import generate
 import train
 from data_helpers import make_image_zip
-from training.generation import save_grid
+from training.generation import GRID_GAP, GRID_GREY, save_grid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
 import make_help_docs  # noqa: E402
@@ -99,14 +99,19 @@ def test_fid_workers_default_is_at_most_the_cpus(monkeypatch):
 
 
 def test_grid_scale_enlarges_every_pixel_into_a_block(tmp_path):
+    # Bug caught: a 16-image grid of 16x16 samples was a 64x64 PNG, too small to see.
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=[5, 4, 4, 1], dtype=np.uint8)
     save_grid(images, str(tmp_path / 'x1.png'))
     save_grid(images, str(tmp_path / 'x3.png'), scale=3)
     small, large = np.asarray(PIL.Image.open(tmp_path / 'x1.png')), np.asarray(PIL.Image.open(tmp_path / 'x3.png'))
-    assert small.shape == (8, 12) and large.shape == (24, 36)
-    assert np.array_equal(small[4:8, 0:4], images[3, :, :, 0])  # row-major tiling, 3 columns
-    assert np.array_equal(large, np.kron(small, np.ones([3, 3], dtype=np.uint8)))
+    assert small.shape == (8, 12) and np.array_equal(small[4:8, 0:4], images[3, :, :, 0])  # row-major, 3 columns
+    gap, block = GRID_GAP, np.ones([3, 3], dtype=np.uint8)
+    assert large.shape == (2 * 12 + 3 * gap, 3 * 12 + 4 * gap)
+    for i, image in enumerate(images[:, :, :, 0]):
+        y, x = gap + (i // 3) * (12 + gap), gap + (i % 3) * (12 + gap)
+        assert np.array_equal(large[y:y + 12, x:x + 12], np.kron(image, block)), i
+    assert (large[:gap] == GRID_GREY).all() and (large[:, 12 + gap:12 + 2 * gap] == GRID_GREY).all()
 
 
 def test_without_tensorboard_statistics_go_to_stats_jsonl_only(tmp_path, monkeypatch, capsys):

@@ -72,6 +72,9 @@ def to_uint8(images):
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+GRID_GAP, GRID_GREY = 2, 80  # the lines between the tiles of an enlarged grid
+
+
 def save_png(array, path):
     """Write one HWC uint8 image atomically ('L' for one channel, else 'RGB')."""
     image = PIL.Image.fromarray(array[:, :, 0], 'L') if array.shape[2] == 1 else PIL.Image.fromarray(array, 'RGB')
@@ -80,17 +83,21 @@ def save_png(array, path):
 
 
 def save_grid(arrays, path, scale=1):
-    """Tile HWC uint8 images into a square-ish grid (ceil(√n) columns), enlarge it `scale` times (each pixel a
-    scale×scale block, so small images stay sharp) and write it atomically."""
+    """Tile HWC uint8 images into a square-ish grid (ceil(√n) columns) and write it atomically. scale > 1 enlarges
+    it for viewing: each pixel becomes a scale×scale block (small images stay sharp) and the tiles are set apart
+    by grey lines of GRID_GAP pixels."""
     arrays = np.asarray(arrays)
     count, height, width, channels = arrays.shape
     cols = math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)
-    grid = np.zeros([rows * height, cols * width, channels], dtype=np.uint8)
+    gap = GRID_GAP if scale > 1 else 0
+    tile_h, tile_w = height * scale + gap, width * scale + gap  # a tile and the line after it
+    grid = np.full([rows * tile_h + gap, cols * tile_w + gap, channels], GRID_GREY if gap else 0, dtype=np.uint8)
     for i, image in enumerate(arrays):
         r, c = divmod(i, cols)
-        grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = image
-    save_png(grid.repeat(scale, axis=0).repeat(scale, axis=1), path)
+        y, x = gap + r * tile_h, gap + c * tile_w
+        grid[y:y + height * scale, x:x + width * scale] = image.repeat(scale, axis=0).repeat(scale, axis=1)
+    save_png(grid, path)
 
 
 def seed_set_prefix(seeds):
