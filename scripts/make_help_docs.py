@@ -23,6 +23,7 @@ HELP_DOCS = {
     'fid-help.txt': ('fid.py', [[], ['calc'], ['ref']]),
     'dataset-tool-help.txt': ('dataset_tool.py', [[]]),
     'likelihood-help.txt': ('likelihood.py', [[]]),
+    'reconstruct-ema-help.txt': ('reconstruct_ema.py', [[]]),
 }
 
 
