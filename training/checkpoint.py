@@ -3,16 +3,21 @@
 A file `training-state-{kimg:06d}.pt` is a torch.save'd dict:
 
     format            'pfgmpp-training-state'
-    version           1
+    version           2 (version-1 files still load: the fields added since get their defaults)
     network_config    plain dict that networks.build_network() turns back into the preconditioned network,
                       including class_name, the architecture and the augmentation dimension D (None = EDM)
     net, ema          state_dicts (CPU tensors) of the trained network and of its EMA
     optimizer_state   torch.optim state_dict
-    progress          {'cur_nimg': int, 'cur_tick': int, ...}: where the run stands
+    progress          {'cur_nimg': int, 'cur_tick': int, ...}: where the run stands; since version 2 also
+                      'nonfinite_steps' (the current run of steps with a non-finite loss; default 0)
     training_options  the run's configuration (what training_options.json holds)
     extra             anything else the loop needs to resume exactly (RNG states, data order), plain data
 
 Nothing in it is a pickled class, so it opens on any PyTorch version and is safe to open.
+
+A run stopped by a signal between regular states writes `training-state-preempted.pt` (same layout, any step).
+It is not a regular checkpoint: find_checkpoints() and run-directory mode skip it, latest_resumable() prefers
+it, and the next regular state written in its directory removes it.
 """
 
 import os
@@ -28,11 +33,16 @@ from training.errors import CheckpointError
 from training.legacy import load_legacy_network
 from training.networks import build_network
 
-__all__ = ['CheckpointError', 'FORMAT', 'VERSION', 'state_file_name', 'checkpoint_kimg', 'find_checkpoints',
-           'save_training_state', 'load_training_state', 'network_from_state', 'load_network']
+__all__ = ['CheckpointError', 'FORMAT', 'VERSION', 'PREEMPTED_STATE_NAME', 'state_file_name', 'checkpoint_kimg',
+           'find_checkpoints', 'latest_resumable', 'is_preempted_state', 'save_training_state',
+           'load_training_state', 'network_from_state', 'load_network']
 
 FORMAT = 'pfgmpp-training-state'
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+PREEMPTED_STATE_NAME = 'training-state-preempted.pt'
+# Fields added after version 1, with the value a file without them means. Add new ones here.
+PROGRESS_DEFAULTS = dict(nonfinite_steps=0)
 STATE_NAME_RE = re.compile(r'training-state-(\d+)\.pt')
 
 
@@ -56,6 +66,20 @@ def find_checkpoints(run_dir):
     return sorted(found)
 
 
+def is_preempted_state(path):
+    return os.path.basename(path) == PREEMPTED_STATE_NAME
+
+
+def latest_resumable(run_dir):
+    """The state a re-run continues from: the preemption state when there is one (the run removes it once a
+    later regular state exists), else the latest regular state; None when run_dir holds neither."""
+    preempted = os.path.join(run_dir, PREEMPTED_STATE_NAME)
+    if os.path.isfile(preempted):
+        return preempted
+    found = find_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
 def _to_cpu(obj):
     if torch.is_tensor(obj):
         return obj.detach().cpu()
@@ -75,7 +99,31 @@ def save_training_state(path, *, network_config, net_state, ema_state, optimizer
         progress=dict(progress), training_options=training_options or {}, extra=_to_cpu(extra or {}),
     )
     with atomic_write(path, 'wb') as f:
-        torch.save(state, f)
+        writer = _WriteErrorKeeper(f)
+        try:
+            torch.save(state, writer)
+        except RuntimeError:
+            if writer.error is not None:  # torch.save turns a failed write into RuntimeError('unexpected pos')
+                raise writer.error from None
+            raise
+
+
+class _WriteErrorKeeper:
+    """A file's write() that remembers the OSError it raised (a full disk), so the caller can report it."""
+
+    def __init__(self, file):
+        self._file = file
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        self._file.flush()
 
 
 def load_training_state(path):
@@ -92,12 +140,13 @@ def load_training_state(path):
 def _validated(state, path):
     if not isinstance(state, dict) or state.get('format') != FORMAT:
         raise CheckpointError(f'{path}: not a PFGM++ training state (no "format": "{FORMAT}" entry)')
-    if state.get('version') != VERSION:
+    if state.get('version') not in READABLE_VERSIONS:
         raise CheckpointError(f'{path}: training-state version {state.get("version")} is not supported '
-                              f'(this code reads version {VERSION})')
+                              f'(this code reads versions {", ".join(map(str, READABLE_VERSIONS))})')
     for key in ('network_config', 'net', 'ema', 'progress'):
         if key not in state:
             raise CheckpointError(f'{path}: training state lacks "{key}"')
+    state['progress'] = dict(PROGRESS_DEFAULTS, **state['progress'])
     return state
 
 
