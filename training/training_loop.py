@@ -420,7 +420,7 @@ def _train(run, options, start_time):
         distributed.print0(note)
     run.watch = NonfiniteWatch(run.device, progress.nonfinite_steps)
     with open(os.path.join(o.run_dir, 'stats.jsonl'), 'at') if run.rank == 0 else contextlib.nullcontext() as stats, \
-            preemption.PreemptionGuard() as guard:
+            preemption.PreemptionGuard() as guard, _workers_shut_down(data_iter):
         while not done:
             lr = o.optimizer_kwargs['lr'] * min(progress.cur_nimg / max(o.lr_rampup_kimg * 1000, 1e-8), 1)
             per_element = training_step(run.ddp, run.forward, run.net, run.optimizer, run.loss_fn, run.augment_pipe,
@@ -438,6 +438,19 @@ def _train(run, options, start_time):
             if not done and guard.should_stop():
                 _stop_on_signal(run, o, progress, guard)
     return progress.cur_nimg
+
+
+@contextlib.contextmanager
+def _workers_shut_down(data_iter):
+    """Stop the DataLoader workers however the loop ends. They ignore SIGTERM (preemption.ignore_in_worker), so
+    they must leave through PyTorch's own shutdown: left to interpreter exit, multiprocessing would terminate
+    (SIGTERM) and join them forever after an error."""
+    try:
+        yield
+    finally:
+        shutdown = getattr(data_iter, '_shutdown_workers', None)  # absent without workers
+        if shutdown is not None:
+            shutdown()
 
 
 class NonfiniteWatch:
