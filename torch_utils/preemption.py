@@ -9,6 +9,7 @@ agent to every training process. Either way the signal only sets a flag here. Th
 device. DataLoader workers ignore both signals (`ignore_in_worker`): their parent shuts them down.
 """
 
+import multiprocessing.resource_tracker
 import os
 import signal
 import threading
@@ -79,6 +80,19 @@ def ignore_in_worker(_worker_id=None):
     """DataLoader worker_init_fn: the stop signals are the training process's business, not the worker's."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def start_resource_tracker():
+    """Start multiprocessing's resource tracker (spawned DataLoader workers use it) with SIGUSR1 ignored, which it
+    inherits. SLURM signals every process of the job; the tracker ignores SIGINT and SIGTERM by itself, but SIGUSR1
+    would kill it, and its replacement prints tracebacks about the resources it never saw."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def torchrun_usr1_note():

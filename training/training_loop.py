@@ -344,6 +344,8 @@ def _data_loader(dataset_obj, data_loader_kwargs, batch, seed, data_position, de
     sampler = misc.InfiniteSampler(dataset_obj, rank=distributed.get_rank(),
                                    num_replicas=distributed.get_world_size(), seed=seed, start=data_position)
     num_workers = int(data_loader_kwargs.get('num_workers', 1))
+    if num_workers > 0:
+        preemption.start_resource_tracker()
     return torch.utils.data.DataLoader(
         dataset_obj, sampler=sampler, batch_size=batch, num_workers=num_workers,
         pin_memory=bool(data_loader_kwargs.get('pin_memory', True)) and device.type == 'cuda',
