@@ -333,6 +333,9 @@ def _random_seed(device):
 @click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
               default=0.12, show_default=True)
 @click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--diverge-steps', help='Stop when the loss is non-finite this many steps in a row, or the weights '
+              'are (0 = never, the reference)', metavar='INT', type=click.IntRange(min=0), default=100,
+              show_default=True)
 # Performance-related.
 @click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False,
               show_default=True)
@@ -344,9 +347,6 @@ def _random_seed(device):
               default=False, show_default=True)
 @click.option('--channels-last', help='Channels-last (NHWC) network memory layout; same maths', metavar='BOOL',
               type=bool, default=False, show_default=True)
-@click.option('--diverge-steps', help='Stop when the loss is non-finite this many steps in a row, or the weights '
-              'are (0 = never, the reference)', metavar='INT', type=click.IntRange(min=0), default=100,
-              show_default=True)
 @click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1,
               show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True,

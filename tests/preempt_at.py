@@ -6,7 +6,8 @@ Usage: preempt_at.py SIGNAL STEP TARGET STAMP TRAIN_ARGS...   (under python or t
                  torchrun agent, and every descendant of it (training processes, DataLoader workers)
           agent: rank 0 signals the torchrun agent alone (which forwards it)
   STAMP   rank 0 writes the time the signal went out there (for the test's exit-time bound)
-The signal goes out before the step's work, so it arrives while the step runs.
+The signal goes out before the step's work, so it arrives while the step runs; rank 0 sends it to itself once
+more as it starts writing the preemption state (a second signal during the save must change nothing).
 """
 
 import os
@@ -20,7 +21,7 @@ sys.path.insert(0, ROOT)
 import psutil  # noqa: E402
 
 import train  # noqa: E402
-from training import training_loop  # noqa: E402
+from training import checkpoint, training_loop  # noqa: E402
 
 
 def targets(which):
@@ -47,7 +48,15 @@ def main():
                 os.kill(process.pid, signum)
         return real_step(*args, **kwargs)
 
+    real_save = checkpoint.save_training_state
+
+    def signal_again_and_save(path, **kwargs):
+        if checkpoint.is_preempted_state(path):
+            os.kill(os.getpid(), signum)
+        return real_save(path, **kwargs)
+
     training_loop.training_step = step_and_signal
+    checkpoint.save_training_state = signal_again_and_save
     train.main.main(args=train_args, prog_name='train.py')
 
 

@@ -17,7 +17,6 @@ import dataset_tool
 import fid
 import train
 from data_helpers import make_image_folder, make_image_zip
-from dnnlib.util import atomic_write
 from test_fid import needs_detector
 from test_training_loop import HostReads
 from torch_utils import preemption

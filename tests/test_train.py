@@ -303,8 +303,10 @@ def check_preempted(run_dir, output, first_step, last_step, world_size):
 def test_signal_saves_at_the_step_and_the_same_command_continues_bit_identically(signame, full_run, data_zip,
                                                                                 tmp_path):
     """One process: the signal goes to it and its DataLoader worker (as SLURM sends it to every process) while
-    step 40 runs; the state is at the end of step 40 and re-running the command ends as the uninterrupted run.
-    Catches an ignored signal, a lost step or tick, a state mistaken for a checkpoint, and an inexact resume."""
+    step 40 runs, and once more as the save begins; the state is at the end of step 40 and re-running the command
+    ends as the uninterrupted run.
+    Catches an ignored signal, a save broken by the second signal, a lost step or tick, a state mistaken for a
+    checkpoint, and an inexact resume."""
     full_dir = full_run[0]
     command = [f'--outdir={tmp_path}', f'--data={data_zip}', '--name=pre', '--duration=0.002'] + PFGMPP + TINY
     status, output, seconds = run_preempted([signame, '40', 'job', str(tmp_path / 'stamp')] + command)
