@@ -3,7 +3,7 @@
 A file `training-state-{kimg:06d}.pt` is a torch.save'd dict:
 
     format            'pfgmpp-training-state'
-    version           2 (version-1 files still load: the fields added since get their defaults)
+    version           2 (version-1 files, which lack the optional entries below, still load)
     network_config    plain dict that networks.build_network() turns back into the preconditioned network,
                       including class_name, the architecture and the augmentation dimension D (None = EDM)
     net, ema          state_dicts (CPU tensors) of the trained network and of its EMA
@@ -12,6 +12,15 @@ A file `training-state-{kimg:06d}.pt` is a torch.save'd dict:
                       'nonfinite_steps' (the current run of steps with a non-finite loss; default 0)
     training_options  the run's configuration (what training_options.json holds)
     extra             anything else the loop needs to resume exactly (RNG states, data order), plain data
+    phema             optional (absent = none): the post-hoc EMA tracks, training/phema.PowerEMA.state_dict()
+
+A network file (`save_network_file`: post-hoc EMA snapshots and reconstructions) is a smaller dict:
+
+    format            'pfgmpp-network'
+    version           1
+    network_config    as above
+    ema               the network's state_dict
+    info              plain data describing the weights (e.g. σ_rel, γ, nimg, the run's id)
 
 Nothing in it is a pickled class, so it opens on any PyTorch version and is safe to open.
 
@@ -35,11 +44,14 @@ from training.networks import build_network
 
 __all__ = ['CheckpointError', 'FORMAT', 'VERSION', 'PREEMPTED_STATE_NAME', 'state_file_name', 'checkpoint_kimg',
            'find_checkpoints', 'latest_resumable', 'is_preempted_state', 'save_training_state',
-           'load_training_state', 'network_from_state', 'load_network']
+           'load_training_state', 'network_from_state', 'load_network', 'NETWORK_FORMAT', 'save_network_file',
+           'load_network_file']
 
 FORMAT = 'pfgmpp-training-state'
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
+NETWORK_FORMAT = 'pfgmpp-network'
+NETWORK_VERSION = 1
 PREEMPTED_STATE_NAME = 'training-state-preempted.pt'
 # Fields added after version 1, with the value a file without them means. Add new ones here.
 PROGRESS_DEFAULTS = dict(nonfinite_steps=0)
@@ -91,13 +103,20 @@ def _to_cpu(obj):
 
 
 def save_training_state(path, *, network_config, net_state, ema_state, optimizer_state, progress,
-                        training_options=None, extra=None):
-    """Write a training state atomically (temporary file, then rename)."""
+                        training_options=None, extra=None, phema=None):
+    """Write a training state atomically (temporary file, then rename). phema: the post-hoc EMA tracks, if any."""
     state = dict(
         format=FORMAT, version=VERSION, network_config=dict(network_config),
         net=_to_cpu(net_state), ema=_to_cpu(ema_state), optimizer_state=_to_cpu(optimizer_state),
         progress=dict(progress), training_options=training_options or {}, extra=_to_cpu(extra or {}),
     )
+    if phema is not None:
+        state['phema'] = _to_cpu(phema)
+    _save_atomically(state, path)
+
+
+def _save_atomically(state, path):
+    """torch.save to a temporary, renamed over `path` when complete; a failed write raises its OSError."""
     with atomic_write(path, 'wb') as f:
         writer = _WriteErrorKeeper(f)
         try:
@@ -173,4 +192,34 @@ def load_network(path, which='ema'):
             state = None
     if isinstance(state, dict) and state.get('format') == FORMAT:
         return network_from_state(_validated(state, path), which=which)
+    if isinstance(state, dict) and state.get('format') == NETWORK_FORMAT:
+        return network_from_state(_validated_network_file(state, path), which='ema')
     return load_legacy_network(path)
+
+
+def save_network_file(path, *, network_config, ema_state, info):
+    """Write a network file (weights to sample from, no optimizer or progress) atomically."""
+    state = dict(format=NETWORK_FORMAT, version=NETWORK_VERSION, network_config=dict(network_config),
+                 ema=_to_cpu(ema_state), info=dict(info))
+    _save_atomically(state, path)
+
+
+def load_network_file(path, mmap=False):
+    """Read a network file written by save_network_file (mmap: tensors read from disk only when used)."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f'{path}: not a readable network file ({error_summary(err)})') from None
+    return _validated_network_file(state, path)
+
+
+def _validated_network_file(state, path):
+    if not isinstance(state, dict) or state.get('format') != NETWORK_FORMAT:
+        raise CheckpointError(f'{path}: not a PFGM++ network file (no "format": "{NETWORK_FORMAT}" entry)')
+    if state.get('version') != NETWORK_VERSION:
+        raise CheckpointError(f'{path}: network-file version {state.get("version")} is not supported '
+                              f'(this code reads version {NETWORK_VERSION})')
+    for key in ('network_config', 'ema', 'info'):
+        if key not in state:
+            raise CheckpointError(f'{path}: network file lacks "{key}"')
+    return state
