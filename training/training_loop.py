@@ -26,7 +26,6 @@ writing anything; no training state with non-finite weights is ever written.
 
 import contextlib
 import copy
-import json
 import os
 import time
 
@@ -446,7 +445,7 @@ def _train(run, options, start_time):
     if note is not None:
         distributed.print0(note)
     run.watch = NonfiniteWatch(run.device, progress.nonfinite_steps)
-    with open(os.path.join(o.run_dir, 'stats.jsonl'), 'at') if run.rank == 0 else contextlib.nullcontext() as stats, \
+    with training_stats.StatsFiles(o.run_dir) if run.rank == 0 else contextlib.nullcontext() as stats, \
             preemption.PreemptionGuard() as guard, _workers_shut_down(data_iter):
         while not done:
             lr = o.optimizer_kwargs['lr'] * min(progress.cur_nimg / max(o.lr_rampup_kimg * 1000, 1e-8), 1)
@@ -558,7 +557,8 @@ def _check_divergence(run, options, progress, finite):
 
 
 def _end_tick(run, options, progress, timing, done, stats):
-    """Status line, divergence check, training state (when due), one stats.jsonl line; then the next tick."""
+    """Status line, divergence check, training state (when due), the tick's statistics (stats.jsonl,
+    TensorBoard); then the next tick."""
     timing.tick_end = time.time()
     _report_tick(progress, timing, run.device)
     finite = weights_finite(run.net, run.ema)
@@ -569,8 +569,7 @@ def _end_tick(run, options, progress, timing, done, stats):
                    progress=_progress_record(run, options, progress, tick_ended=True), finite=finite,
                    phema_state=run.phema.state_dict() if run.phema is not None else None)
     if stats is not None:
-        stats.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
-        stats.flush()
+        stats.write(training_stats.default_collector.as_dict(), nimg=progress.cur_nimg, timestamp=time.time())
     progress.cur_tick += 1
     progress.tick_start_nimg = progress.cur_nimg
     timing.tick_start = time.time()
