@@ -20,6 +20,7 @@ import shutil
 import struct
 import tarfile
 import zipfile
+import zlib
 
 import click
 import numpy as np
@@ -117,7 +118,11 @@ def open_image_zip(source, max_images):
     def iterate():
         with archive:
             for name in names:
-                yield decode_image(archive.read(name), name), (labels or {}).get(name)
+                try:
+                    data = archive.read(name)
+                except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+                    raise click.ClickException(f'Cannot read {name} in {source}: {error}') from None
+                yield decode_image(data, name), (labels or {}).get(name)
     return len(names), iterate()
 
 

@@ -264,7 +264,7 @@ def calc(image_path, ref_path, num_expected, seed, batch, detector, workers, tab
                 plot_path = plot_path or os.path.join(image_path, 'fid.png')
                 write_plot(folders, plot_path)
                 print(f'Plot: {plot_path}')
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # OSError: a failed read or write (full disk)
         _fail(error)
     finally:
         dist.barrier()
@@ -291,7 +291,7 @@ def ref(dataset_path, dest_path, batch, detector, workers):
         if dist.get_rank() == 0:
             fid_stats.save_reference_stats(dest_path, mu, sigma)
         dist.print0('Done.')
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # OSError: a failed read or write (full disk)
         _fail(error)
     finally:
         dist.barrier()

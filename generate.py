@@ -181,7 +181,7 @@ def run_script(opts, axis=None, values=(None,), quant_filter='layers'):
     device = dist.init()
     try:
         generation.run(opts, device, axis, values, quant_filter)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: a failed read or write (full disk)
         raise click.ClickException(error_summary(err)) from None
     finally:
         dist.shutdown()

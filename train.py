@@ -1,18 +1,21 @@
 """Train diffusion (EDM) or PFGM++ models: `python train.py ...` on one device, `torchrun ... train.py ...` on many.
 
 Every option of the reference train.py (EDM's and the PFGM++ fork's) with the same name, type and default.
-Bad input is reported in one line before anything is written.
+Bad input is reported in one line before anything is written. A run stopped by SIGTERM/SIGUSR1 saves its state,
+says so in one line and exits with status 75; re-running the same command (with --name) continues it. A diverged
+run, a failed write or an unreadable image ends with one line and status 1 (docs/cluster.md).
 """
 
 import json
 import os
 import re
+import sys
 
 import click
 import torch
 
 import dnnlib
-from torch_utils import distributed, precision
+from torch_utils import distributed, precision, preemption
 from training import checkpoint, phema, training_loop
 from training.pfgmpp import check_aug_dim
 
@@ -97,6 +100,7 @@ def build_options(opts):
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
     c.update(precision=opts.precision, compile=opts.compile, channels_last=opts.channels_last)
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
+    c.diverge_steps = opts.diverge_steps
     if opts.phema is not None:  # recorded only when on, so runs without it keep the reference's options
         c.update(phema_stds=opts.phema, phema_snap_kimg=opts.phema_snap)
     return c
@@ -134,6 +138,7 @@ def validate_dataset(c, opts):
         channels = dataset_obj.num_channels
         dataset_name = dataset_obj.name
         has_labels = dataset_obj.has_labels
+        dataset_obj.check_archive()
     except Exception as err:  # ValueError/OSError/BadZipFile: any failure to open is a bad --data
         raise click.ClickException(f'--data: {dnnlib.util.error_summary(err)}') from None
     if opts.cond and not has_labels:
@@ -166,8 +171,7 @@ def choose_run_dir(opts, data, world_size):
         if not opts.name or os.sep in opts.name or opts.name in ('.', '..'):
             raise click.ClickException(f'--name={opts.name!r}: use a plain directory name')
         run_dir = os.path.join(opts.outdir, opts.name)
-        found = checkpoint.find_checkpoints(run_dir) if os.path.isdir(run_dir) else []
-        return run_dir, (found[-1][1] if found else None)
+        return run_dir, (checkpoint.latest_resumable(run_dir) if os.path.isdir(run_dir) else None)
     desc = (f'{data.name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}-gpus{world_size}'
             f'-batch{opts.batch}-{opts.precision}')
     if opts.desc is not None:
@@ -184,7 +188,7 @@ def choose_run_dir(opts, data, world_size):
 
 def check_resume(path, net, option='--resume'):
     """Load and check a training state for this run's network; returns it. ClickException on any problem."""
-    if checkpoint.checkpoint_kimg(path) is None:
+    if checkpoint.checkpoint_kimg(path) is None and not checkpoint.is_preempted_state(path):
         raise click.ClickException(f'{option}={path}: must point to training-state-*.pt from a previous training run')
     try:
         state = checkpoint.load_training_state(path)
@@ -306,10 +310,30 @@ def launch(c, device):
     distributed.barrier()
     try:
         training_loop.training_loop(**c, device=device)
+    except preemption.Preempted as stop:
+        exit_code = _say_last(str(stop), preemption.EXIT_PREEMPTED)
+    except training_loop.TrainingDiverged as err:
+        exit_code = _say_last(f'Error: {err}', 1)
+    except OSError as err:  # a write failed (full disk, quota, permissions): atomic writes left earlier files intact
+        exit_code = _say_last(f'Error: {dnnlib.util.error_summary(err)}; earlier files are intact: make room and '
+                              f're-run the same command to continue from the latest training state', 1)
+    except ValueError as err:  # bad data met while training (e.g. an image that does not decode, from a worker)
+        exit_code = _say_last(f'Error: {dnnlib.util.error_summary(err, last=True)}', 1)
+    else:
+        exit_code = 0
     finally:
         if logger is not None:
             logger.close()
         distributed.shutdown()
+    if exit_code:
+        sys.exit(exit_code)
+
+
+def _say_last(line, exit_code):
+    """Rank 0 prints the run's last line (into log.txt too, the logger is still open); returns exit_code."""
+    if distributed.get_rank() == 0:
+        print(line, file=sys.stderr, flush=True)
+    return exit_code
 
 
 def _random_seed(device):
@@ -371,6 +395,9 @@ def _random_seed(device):
 @click.option('--phema-snap', help='Post-hoc EMA snapshot interval (and one at the end)', metavar='KIMG',
               type=click.IntRange(min=1), default=2500, show_default=True)
 @click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--diverge-steps', help='Stop when the loss is non-finite this many steps in a row, or the weights '
+              'are (0 = never, the reference)', metavar='INT', type=click.IntRange(min=0), default=100,
+              show_default=True)
 # Performance-related.
 @click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False,
               show_default=True)

@@ -110,6 +110,7 @@ def atomic_write(path, mode='wb'):
     The new file has the permissions of a plain open(): an existing `path`'s own, else 0666 less the umask.
     A writer killed outright (SIGKILL, SIGTERM, power loss) leaves `path` as it was plus a hidden temporary
     `.NAME.*.tmp`; the next successful write of the same path removes such leftovers (one writer per path).
+    A write error (a full disk) removes the temporary and is raised as an OSError that names `path`.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -123,9 +124,11 @@ def atomic_write(path, mode='wb'):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror, path) from error  # "[Errno 28] No space ...: 'path'"
         raise
     for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + '*.tmp')):
         with contextlib.suppress(FileNotFoundError):

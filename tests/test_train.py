@@ -5,8 +5,10 @@ exit and nothing written."""
 import io
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 import zipfile
 
 import PIL.Image
@@ -276,3 +278,144 @@ def test_dry_run_names_the_run_dir_and_writes_nothing(data_zip, tmp_path):
     assert options['network_kwargs']['class_name'] == 'training.networks.VEPrecond'
     assert options['loss_kwargs'] == dict(class_name='training.loss.VELoss', D=None, stf=False)
     assert options['ema_halflife_kimg'] == 500 and options['state_dump_ticks'] == 50
+
+
+# ------------------------------------------------------------------------ preemption, divergence, full disk
+
+
+PREEMPT = os.path.join(ROOT, 'tests', 'preempt_at.py')
+SIGNAL_TO_EXIT_S = 60  # generous for 2 shared cores; a save that waits for anything (a missed signal) takes longer
+
+
+def run_preempted(args, launcher=None):
+    """train.py through preempt_at.py (args: its SIGNAL STEP TARGET STAMP, then train.py's); returns (exit
+    status, output, seconds from the signal to the exit)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PFGMPP_DEVICE='cpu')
+    result = subprocess.run((launcher or [sys.executable]) + [PREEMPT] + args, cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    seconds = time.time() - float(open(args[3]).read())
+    return result.returncode, result.stdout + result.stderr, seconds
+
+
+def check_preempted(run_dir, output, first_step, last_step, world_size):
+    """One line from our code, in log.txt too; a preemption state at a step boundary within the bounds that run
+    directory mode does not list; the regular states untouched."""
+    lines = [line for line in output.splitlines() if line.startswith('Preempted')]
+    assert len(lines) == 1 and 'Re-run the same command' in lines[0], output[-3000:]
+    assert open(os.path.join(run_dir, 'log.txt')).read().splitlines()[-1] == lines[0]
+    state = checkpoint.load_training_state(os.path.join(run_dir, checkpoint.PREEMPTED_STATE_NAME))
+    batches, remainder = divmod(state['progress']['cur_nimg'], 32)
+    assert remainder == 0 and first_step <= batches <= last_step, state['progress']
+    assert len(state['extra']['rng_states']) == world_size
+    assert all(torch.isfinite(t).all() for t in _tensors(state).values())
+    assert not [name for name in os.listdir(run_dir) if name.endswith('.tmp')]
+    return state
+
+
+@pytest.mark.parametrize('signame', ['TERM', 'USR1'])
+def test_signal_saves_at_the_step_and_the_same_command_continues_bit_identically(signame, full_run, data_zip,
+                                                                                tmp_path):
+    """One process: the signal goes to it and its DataLoader worker (as SLURM sends it to every process) while
+    step 40 runs, and once more as the save begins; the state is at the end of step 40 and re-running the command
+    ends as the uninterrupted run.
+    Catches an ignored signal, a save broken by the second signal, a lost step or tick, a state mistaken for a
+    checkpoint, and an inexact resume."""
+    full_dir = full_run[0]
+    command = [f'--outdir={tmp_path}', f'--data={data_zip}', '--name=pre', '--duration=0.002'] + PFGMPP + TINY
+    status, output, seconds = run_preempted([signame, '40', 'job', str(tmp_path / 'stamp')] + command)
+    assert status == 75 and seconds < SIGNAL_TO_EXIT_S and 'Traceback' not in output, output[-3000:]
+    run_dir = str(tmp_path / 'pre')
+    check_preempted(run_dir, output, 40, 40, world_size=1)
+    assert [kimg for kimg, _ in checkpoint.find_checkpoints(run_dir)] == [1]
+    assert_same_state(os.path.join(full_dir, 'training-state-000001.pt'),
+                      os.path.join(run_dir, 'training-state-000001.pt'))
+    if signame == 'USR1':
+        return  # the resume does not depend on the signal
+    log = run_train(command)
+    assert 'training-state-preempted.pt' in log.split('Resuming from')[1].splitlines()[0]
+    assert_same_state(os.path.join(full_dir, 'training-state-000002.pt'),
+                      os.path.join(run_dir, 'training-state-000002.pt'))
+    assert not os.path.exists(os.path.join(run_dir, checkpoint.PREEMPTED_STATE_NAME))  # superseded
+
+
+def test_torchrun_sigterm_to_every_process_then_the_same_command_is_bit_identical(ddp_fp32_run, data_zip, tmp_path):
+    """2 processes; SIGTERM to the agent, both training processes and their workers at once while step 18 runs.
+    Both stop on the same step (one state with both RNG states, within 4 steps), and the same command continues to
+    the uninterrupted run's result. Catches ranks stopping on different steps (a hang or a mismatch), a signal
+    killing a worker or the save, and a torchrun agent that stays up."""
+    outdir, _ranks = ddp_fp32_run
+    command = [f'--outdir={tmp_path}', f'--data={data_zip}', '--duration=0.001', '--precision=fp32'] + DDP
+    status, output, seconds = run_preempted(['TERM', '18', 'job', str(tmp_path / 'stamp')] + command,
+                                            launcher=TORCHRUN)
+    assert status != 0 and seconds < SIGNAL_TO_EXIT_S, output[-3000:]
+    check_preempted(str(tmp_path / 'ddp'), output, 18, 18 + 4, world_size=2)
+    assert '--signals-to-handle' in output  # the note that SIGUSR1 to torchrun alone would kill it
+    run_train(command, launcher=TORCHRUN)
+    assert_same_state(os.path.join(outdir, 'ddp', 'training-state-000001.pt'),
+                      str(tmp_path / 'ddp' / 'training-state-000001.pt'))
+
+
+def test_torchrun_agent_alone_forwards_sigusr1(data_zip, tmp_path):
+    """SIGUSR1 to the torchrun agent alone (SLURM's --signal=B:USR1), started with --signals-to-handle: it
+    forwards the signal and the processes save. Catches a SIGUSR1 that kills the agent and orphans the ranks."""
+    command = [f'--outdir={tmp_path}', f'--data={data_zip}', '--duration=0.001', '--precision=fp32'] + DDP
+    launcher = TORCHRUN + ['--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1']
+    status, output, seconds = run_preempted(['USR1', '10', 'agent', str(tmp_path / 'stamp')] + command,
+                                            launcher=launcher)
+    assert status != 0 and seconds < SIGNAL_TO_EXIT_S, output[-3000:]
+    state = check_preempted(str(tmp_path / 'ddp'), output, 10, 10 + 4, world_size=2)
+    assert 'SIGUSR1 received' in output and '--signals-to-handle' not in output.split('Training for')[1]
+    assert state['progress']['world_size'] == 2
+
+
+def _copy_state(source, run_dir):
+    os.makedirs(run_dir)
+    target = os.path.join(run_dir, os.path.basename(source))
+    with open(source, 'rb') as f_in, open(target, 'wb') as f_out:
+        f_out.write(f_in.read())
+    return target
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_last_good_state(full_run, data_zip, tmp_path):
+    """Continue the tiny run from 1 kimg with an absurd learning rate: the loss turns NaN, the run stops at the
+    tick's end with one line naming the kimg and the causes, exit 1, and the 1-kimg state is the only one, intact
+    and finite. Catches a diverged run that goes on and exits 0, or that writes a NaN checkpoint."""
+    good = _copy_state(os.path.join(full_run[0], 'training-state-000001.pt'), str(tmp_path / 'div'))
+    before = open(good, 'rb').read()
+    result, output = invoke([f'--outdir={tmp_path}', f'--data={data_zip}', '--name=div', '--duration=0.002',
+                             '--lr=1e30', '--diverge-steps=3'] + PFGMPP + TINY)
+    errors = [line for line in output.splitlines() if line.startswith('Error')]
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit) and len(errors) == 1, output
+    assert 'diverged at 2.0' in errors[0] and 'kimg' in errors[0] and '--lr' in errors[0] and good in errors[0]
+    assert [path for _kimg, path in checkpoint.find_checkpoints(str(tmp_path / 'div'))] == [good]
+    assert open(good, 'rb').read() == before and 'Traceback' not in output
+    assert re.search(r'^tick 2 +kimg 2\.0 +loss nan ', output, re.M), output  # the tick line shows it
+
+
+def test_tick_line_shows_the_ticks_mean_loss(full_run):
+    # The number printed is stats.jsonl's Loss/loss mean of the same tick (all micro-batches), not the last batch.
+    full_dir, _outdir, log = full_run
+    printed = [float(value) for value in re.findall(r'^tick \d+ +kimg \S+ +loss (\S+)', log, re.M)]
+    means = [json.loads(line)['Loss/loss']['mean'] for line in open(os.path.join(full_dir, 'stats.jsonl'))]
+    assert len(printed) == len(means) == 3
+    assert all(abs(p - m) <= 5e-4 * abs(m) for p, m in zip(printed, means)), (printed, means)
+
+
+def test_full_disk_during_a_checkpoint_is_one_line(full_run, data_zip, tmp_path, monkeypatch):
+    """ENOSPC from the raw file write while the 2-kimg state is written: one line naming the file, exit 1, the
+    1-kimg state intact, no temporary and no partial 2-kimg state. Catches a traceback (torch.save hides the
+    OSError), a temporary left behind and a damaged previous state."""
+    from test_resilience import _failing_fdopen
+    good = _copy_state(os.path.join(full_run[0], 'training-state-000001.pt'), str(tmp_path / 'disk'))
+    before = open(good, 'rb').read()
+    _failing_fdopen(monkeypatch, 'training-state-000002.pt', after_bytes=4096)
+    result, output = invoke([f'--outdir={tmp_path}', f'--data={data_zip}', '--name=disk', '--duration=0.002']
+                            + PFGMPP + TINY)
+    errors = [line for line in output.splitlines() if line.startswith('Error')]
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit) and len(errors) == 1, output
+    assert 'No space left on device' in errors[0] and 'training-state-000002.pt' in errors[0]
+    assert 'Traceback' not in output
+    names = os.listdir(tmp_path / 'disk')
+    assert [name for name in names if 'training-state' in name] == ['training-state-000001.pt'], names
+    assert not [name for name in names if name.startswith('.') or name.endswith('.tmp')], names
+    assert open(good, 'rb').read() == before

@@ -8,7 +8,8 @@ A file `training-state-{kimg:06d}.pt` is a torch.save'd dict:
                       including class_name, the architecture and the augmentation dimension D (None = EDM)
     net, ema          state_dicts (CPU tensors) of the trained network and of its EMA
     optimizer_state   torch.optim state_dict
-    progress          {'cur_nimg': int, 'cur_tick': int, ...}: where the run stands
+    progress          {'cur_nimg': int, 'cur_tick': int, ...}: where the run stands; since version 2 also
+                      'nonfinite_steps' (the current run of steps with a non-finite loss; default 0)
     training_options  the run's configuration (what training_options.json holds)
     extra             anything else the loop needs to resume exactly (RNG states, data order), plain data
     phema             optional (absent = none): the post-hoc EMA tracks, training/phema.PowerEMA.state_dict()
@@ -22,6 +23,10 @@ A network file (`save_network_file`: post-hoc EMA snapshots and reconstructions)
     info              plain data describing the weights (e.g. σ_rel, γ, nimg, the run's id)
 
 Nothing in it is a pickled class, so it opens on any PyTorch version and is safe to open.
+
+A run stopped by a signal between regular states writes `training-state-preempted.pt` (same layout, any step).
+It is not a regular checkpoint: find_checkpoints() and run-directory mode skip it, latest_resumable() prefers
+it, and the next regular state written in its directory removes it.
 """
 
 import os
@@ -37,15 +42,19 @@ from training.errors import CheckpointError
 from training.legacy import load_legacy_network
 from training.networks import build_network
 
-__all__ = ['CheckpointError', 'FORMAT', 'VERSION', 'state_file_name', 'checkpoint_kimg', 'find_checkpoints',
-           'save_training_state', 'load_training_state', 'network_from_state', 'load_network',
-           'NETWORK_FORMAT', 'save_network_file', 'load_network_file']
+__all__ = ['CheckpointError', 'FORMAT', 'VERSION', 'PREEMPTED_STATE_NAME', 'state_file_name', 'checkpoint_kimg',
+           'find_checkpoints', 'latest_resumable', 'is_preempted_state', 'save_training_state',
+           'load_training_state', 'network_from_state', 'load_network', 'NETWORK_FORMAT', 'save_network_file',
+           'load_network_file']
 
 FORMAT = 'pfgmpp-training-state'
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 NETWORK_FORMAT = 'pfgmpp-network'
 NETWORK_VERSION = 1
+PREEMPTED_STATE_NAME = 'training-state-preempted.pt'
+# Fields added after version 1, with the value a file without them means. Add new ones here.
+PROGRESS_DEFAULTS = dict(nonfinite_steps=0)
 STATE_NAME_RE = re.compile(r'training-state-(\d+)\.pt')
 
 
@@ -69,6 +78,20 @@ def find_checkpoints(run_dir):
     return sorted(found)
 
 
+def is_preempted_state(path):
+    return os.path.basename(path) == PREEMPTED_STATE_NAME
+
+
+def latest_resumable(run_dir):
+    """The state a re-run continues from: the preemption state when there is one (the run removes it once a
+    later regular state exists), else the latest regular state; None when run_dir holds neither."""
+    preempted = os.path.join(run_dir, PREEMPTED_STATE_NAME)
+    if os.path.isfile(preempted):
+        return preempted
+    found = find_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
 def _to_cpu(obj):
     if torch.is_tensor(obj):
         return obj.detach().cpu()
@@ -89,8 +112,37 @@ def save_training_state(path, *, network_config, net_state, ema_state, optimizer
     )
     if phema is not None:
         state['phema'] = _to_cpu(phema)
+    _save_atomically(state, path)
+
+
+def _save_atomically(state, path):
+    """torch.save to a temporary, renamed over `path` when complete; a failed write raises its OSError."""
     with atomic_write(path, 'wb') as f:
-        torch.save(state, f)
+        writer = _WriteErrorKeeper(f)
+        try:
+            torch.save(state, writer)
+        except RuntimeError:
+            if writer.error is not None:  # torch.save turns a failed write into RuntimeError('unexpected pos')
+                raise writer.error from None
+            raise
+
+
+class _WriteErrorKeeper:
+    """A file's write() that remembers the OSError it raised (a full disk), so the caller can report it."""
+
+    def __init__(self, file):
+        self._file = file
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        self._file.flush()
 
 
 def load_training_state(path):
@@ -113,6 +165,7 @@ def _validated(state, path):
     for key in ('network_config', 'net', 'ema', 'progress'):
         if key not in state:
             raise CheckpointError(f'{path}: training state lacks "{key}"')
+    state['progress'] = dict(PROGRESS_DEFAULTS, **state['progress'])
     return state
 
 
@@ -148,8 +201,7 @@ def save_network_file(path, *, network_config, ema_state, info):
     """Write a network file (weights to sample from, no optimizer or progress) atomically."""
     state = dict(format=NETWORK_FORMAT, version=NETWORK_VERSION, network_config=dict(network_config),
                  ema=_to_cpu(ema_state), info=dict(info))
-    with atomic_write(path, 'wb') as f:
-        torch.save(state, f)
+    _save_atomically(state, path)
 
 
 def load_network_file(path, mmap=False):

@@ -8,6 +8,7 @@ errors, and reopens the ZIP in every process so DataLoader workers work with bot
 import json
 import os
 import zipfile
+import zlib
 
 import numpy as np
 import PIL.Image
@@ -117,7 +118,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             with self._open_file(fname) as f, PIL.Image.open(f) as image:
                 image = image.convert(_DECODE_MODE[image.mode]) if image.mode != _DECODE_MODE[image.mode] else image
                 array = np.array(image, dtype=np.uint8)
-        except (OSError, ValueError, zipfile.BadZipFile, PIL.UnidentifiedImageError) as error:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, PIL.UnidentifiedImageError) as error:
             raise ValueError(f'Cannot decode image {fname} in {self._path}: {error}') from None
         if array.ndim == 2:
             array = array[:, :, np.newaxis]
@@ -126,6 +127,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise ValueError(f'Image {fname} in {self._path} decoded to shape {list(array.shape)}, '
                              f'expected {self._raw_shape[1:]}')
         return array
+
+    def check_archive(self):
+        """Read every member of a ZIP dataset once and check its CRC-32 (about the time of reading the file);
+        ValueError naming the first damaged member. A folder has no checksums: its images are checked when read."""
+        if self._type != 'zip':
+            return
+        try:
+            damaged = self._get_zipfile().testzip()
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as error:
+            raise ValueError(f'Cannot read ZIP archive {self._path}: {error}') from None
+        if damaged is not None:
+            raise ValueError(f'{damaged} in {self._path} is damaged (CRC-32 mismatch); rebuild the dataset with '
+                             f'dataset_tool.py') from None
 
     def _load_raw_labels(self):
         """Labels from dataset.json as int64 [N] or float32 [N, L]; None when the file is absent or says null."""

@@ -21,6 +21,8 @@ import http.client
 import importlib.util
 import os
 import pickle
+import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -178,6 +180,7 @@ def _load_detector_file(path, device):
 def open_image_set(image_path, num_expected=None, seed=0):
     """The images to score: all of them, or a seeded random subset of exactly num_expected (ValueError if fewer)."""
     dataset = ImageFolderDataset(image_path, max_size=num_expected, random_seed=seed)
+    dataset.check_archive()  # a damaged ZIP member is named here, not deep in a DataLoader worker
     if num_expected is not None and len(dataset) < num_expected:
         raise ValueError(f'Found {len(dataset)} images in {image_path}, but expected at least {num_expected}')
     if len(dataset) < 2:
@@ -248,8 +251,9 @@ def load_reference_stats(path_or_url):
     try:
         with np.load(path) as data:
             stats = {key: np.asarray(data[key], np.float64) for key in ('mu', 'sigma') if key in data}
-    except (OSError, ValueError, EOFError) as error:
-        raise ValueError(f'Cannot read reference statistics {path_or_url}: {error}') from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(f'Cannot read reference statistics {path_or_url} ({error_summary(error)}): truncated or '
+                         f'not an npz; make it again with `python fid.py ref`') from None
     missing = [key for key in ('mu', 'sigma') if key not in stats]
     if missing:
         raise ValueError(f'Reference statistics {path_or_url} lack {" and ".join(missing)}; '

@@ -17,6 +17,11 @@ Resume is exact: a training state holds the network, EMA, Adam, cur_nimg, the ti
 data stream and every process's RNG states (torch CPU/CUDA, numpy); see training/checkpoint.py.
 Post-hoc EMA tracks (phema_stds; training/phema.py) are updated after every step, written as snapshots by rank 0
 and travel in the training state.
+
+Stopping early (docs/cluster.md): SIGTERM or SIGUSR1 ends the run after the step in progress with a training state
+at that step (torch_utils/preemption.py) and raises preemption.Preempted. A loss that stays non-finite for
+`diverge_steps` consecutive steps, or non-finite weights, raises TrainingDiverged at the end of the tick without
+writing anything; no training state with non-finite weights is ever written.
 """
 
 import contextlib
@@ -29,7 +34,7 @@ import psutil
 import torch
 
 import dnnlib
-from torch_utils import distributed, misc, training_stats
+from torch_utils import distributed, misc, preemption, training_stats
 from torch_utils import precision as precision_mod
 from training import augment, checkpoint, dataset, loss, networks, phema
 
@@ -112,6 +117,10 @@ def load_optimizer_state(optimizer, state_dict):
             for key, value in optimizer.state.get(param, {}).items():
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                     optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+class TrainingDiverged(ValueError):
+    """The loss (or the weights) stopped being finite; the message says where and what to try."""
 
 
 # Runtime knobs that may change between a checkpoint and the run resuming it; everything else must match.
@@ -260,13 +269,15 @@ def training_loop(
     ema_rampup_ratio=0.05, lr_rampup_kimg=10000, loss_scaling=1, kimg_per_tick=50, snapshot_ticks=50,
     state_dump_ticks=500, resume_pkl=None, resume_state_dump=None, cudnn_benchmark=True, stf=False, rbatch=4096,
     D=None, pfgmpp=None, opts=None, precision=None, compile=False, channels_last=False, phema_stds=None,
-    phema_snap_kimg=2500, device=None,
+    phema_snap_kimg=2500, diverge_steps=100, device=None,
 ):
     """Train; returns EasyDict(net, ema, cur_nimg, phema). Options are the training_options.json entries (see train.py).
 
     precision: one of torch_utils.precision.PRECISIONS; None takes network_kwargs' use_fp16 (fp16, else fp32).
     'fp16' sets the network's use_fp16. compile: False, True (torch.compile, inductor) or a dict of
     torch.compile arguments. channels_last: NHWC network weights (CUDA speed; same maths).
+    diverge_steps: stop (TrainingDiverged) when the loss is non-finite for this many consecutive steps or the
+    weights are non-finite, checked at each tick's end; 0 or None trains on regardless, as the reference does.
 
     resume_pkl: a network file to initialise from (--transfer). resume_state_dump: a training state to continue.
     snapshot_ticks is accepted for compatibility: only training states are written (every state_dump_ticks).
@@ -304,7 +315,7 @@ def _set_up(options, device):
     precision_mod.configure_backends(o.precision)
 
     state = checkpoint.load_training_state(o.resume_state_dump) if o.resume_state_dump else None
-    run.progress = dict(cur_nimg=0, cur_tick=0, tick_start_nimg=0, data_position=0)
+    run.progress = dict(cur_nimg=0, cur_tick=0, tick_start_nimg=0, data_position=0, nonfinite_steps=0)
     if state is not None:
         run.progress.update({key: int(state['progress'][key]) for key in run.progress if key in state['progress']})
 
@@ -337,12 +348,15 @@ def _data_loader(dataset_obj, data_loader_kwargs, batch, seed, data_position, de
     sampler = misc.InfiniteSampler(dataset_obj, rank=distributed.get_rank(),
                                    num_replicas=distributed.get_world_size(), seed=seed, start=data_position)
     num_workers = int(data_loader_kwargs.get('num_workers', 1))
+    if num_workers > 0:
+        preemption.start_resource_tracker()
     return torch.utils.data.DataLoader(
         dataset_obj, sampler=sampler, batch_size=batch, num_workers=num_workers,
         pin_memory=bool(data_loader_kwargs.get('pin_memory', True)) and device.type == 'cuda',
         prefetch_factor=data_loader_kwargs.get('prefetch_factor', 2) if num_workers > 0 else None,
         multiprocessing_context='spawn' if num_workers > 0 else None,  # forked ZIP handles are unsafe
         persistent_workers=num_workers > 0,
+        worker_init_fn=preemption.ignore_in_worker if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed))  # worker seeds must not draw from the global stream
 
 
@@ -411,7 +425,7 @@ def _seed_random_streams(state, seed, run):
 
 def _train(run, options, start_time):
     """Steps until options.total_kimg, with a status line, statistics and (every state_dump_ticks) a training
-    state at each tick; returns cur_nimg."""
+    state at each tick; returns cur_nimg. Raises preemption.Preempted (state saved) or TrainingDiverged."""
     o = options
     progress = dnnlib.EasyDict(run.progress)
     total_nimg = o.total_kimg * 1000
@@ -427,12 +441,18 @@ def _train(run, options, start_time):
         images, labels = _next_batch(data_iter, run.device)
         return images[:run.batch_gpu], labels[:run.batch_gpu], (images if o.stf else None)
 
-    with training_stats.StatsFiles(o.run_dir) if run.rank == 0 else contextlib.nullcontext() as stats:
+    note = preemption.torchrun_usr1_note()
+    if note is not None:
+        distributed.print0(note)
+    run.watch = NonfiniteWatch(run.device, progress.nonfinite_steps)
+    with training_stats.StatsFiles(o.run_dir) if run.rank == 0 else contextlib.nullcontext() as stats, \
+            preemption.PreemptionGuard() as guard, _workers_shut_down(data_iter):
         while not done:
             lr = o.optimizer_kwargs['lr'] * min(progress.cur_nimg / max(o.lr_rampup_kimg * 1000, 1e-8), 1)
-            training_step(run.ddp, run.forward, run.net, run.optimizer, run.loss_fn, run.augment_pipe,
-                          next_micro_batch, run.num_rounds, grad_scale=o.loss_scaling / batch_per_process, lr=lr,
-                          loss_scaling=o.loss_scaling)
+            per_element = training_step(run.ddp, run.forward, run.net, run.optimizer, run.loss_fn, run.augment_pipe,
+                                        next_micro_batch, run.num_rounds, grad_scale=o.loss_scaling / batch_per_process,
+                                        lr=lr, loss_scaling=o.loss_scaling)
+            run.watch.step(per_element)
             update_ema(run.ema, run.net, ema_beta(o.batch_size, progress.cur_nimg, o.ema_halflife_kimg,
                                                   o.ema_rampup_ratio))
             progress.cur_nimg += o.batch_size
@@ -440,10 +460,11 @@ def _train(run, options, start_time):
             done = progress.cur_nimg >= total_nimg
             if run.phema is not None:
                 _phema_step(run, o, progress.cur_nimg, done)
-            if not done and progress.cur_tick != 0 and \
-                    progress.cur_nimg < progress.tick_start_nimg + o.kimg_per_tick * 1000:
-                continue
-            _end_tick(run, o, progress, timing, done, stats)
+            if done or progress.cur_tick == 0 or \
+                    progress.cur_nimg >= progress.tick_start_nimg + o.kimg_per_tick * 1000:
+                _end_tick(run, o, progress, timing, done, stats)
+            if not done and guard.should_stop():
+                _stop_on_signal(run, o, progress, guard)
     return progress.cur_nimg
 
 
@@ -459,18 +480,94 @@ def _phema_step(run, options, cur_nimg, done):
                     info=run.phema.info(index, cur_nimg, options.batch_size))
 
 
+@contextlib.contextmanager
+def _workers_shut_down(data_iter):
+    """Stop the DataLoader workers however the loop ends. They ignore SIGTERM (preemption.ignore_in_worker), so
+    they must leave through PyTorch's own shutdown: left to interpreter exit, multiprocessing would terminate
+    (SIGTERM) and join them forever after an error."""
+    try:
+        yield
+    finally:
+        shutdown = getattr(data_iter, '_shutdown_workers', None)  # absent without workers
+        if shutdown is not None:
+            shutdown()
+
+
+class NonfiniteWatch:
+    """Counts on the device the current run of steps whose loss is not finite, and the longest run since the
+    last read (no host synchronisation per step; read once per tick)."""
+
+    def __init__(self, device, streak=0):
+        self.streak = torch.tensor(int(streak), dtype=torch.int64, device=device)
+        self.longest = self.streak.clone()
+
+    def step(self, per_element_loss):
+        nonfinite = torch.isfinite(per_element_loss).all().logical_not()
+        self.streak.add_(1).mul_(nonfinite)
+        torch.maximum(self.longest, self.streak, out=self.longest)
+
+    def read_longest(self):
+        """The longest run since the previous read, the maximum over all processes; restarts the count."""
+        longest = self.longest.clone()
+        if distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+        self.longest.copy_(self.streak)
+        return int(longest)
+
+
+def weights_finite(*modules):
+    """Whether every parameter and buffer of the modules is finite (one device→host read)."""
+    flags = [torch.isfinite(t).all() for m in modules for t in list(m.parameters()) + list(m.buffers())
+             if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _progress_record(run, options, progress, tick_ended):
+    """The progress a training state holds: at a tick's end, the start of the next tick; mid-tick (preemption),
+    the tick in progress, so the resumed run keeps the same tick boundaries."""
+    return dict(cur_nimg=progress.cur_nimg, cur_tick=progress.cur_tick + (1 if tick_ended else 0),
+                tick_start_nimg=progress.cur_nimg if tick_ended else progress.tick_start_nimg,
+                data_position=progress.data_position, nonfinite_steps=int(run.watch.streak),
+                seed=int(options.seed), world_size=run.world_size, batch_size=options.batch_size)
+
+
+def _stop_on_signal(run, options, progress, guard):
+    """Save the state at this step boundary (every rank takes part) and raise Preempted with the one line."""
+    path = save_state(options.run_dir, run.net, run.ema, run.optimizer, run.device, options,
+                      progress=_progress_record(run, options, progress, tick_ended=False),
+                      phema_state=run.phema.state_dict() if run.phema is not None else None, preempted=True)
+    saved = f'saved {path}' if path is not None else 'nothing saved (the weights are not finite)'
+    raise preemption.Preempted(
+        f'Preempted: {guard.describe()} received; stopped at {progress.cur_nimg / 1e3:.3f} kimg and {saved}. '
+        f'Re-run the same command to continue from there.')
+
+
+def _check_divergence(run, options, progress, finite):
+    """Raise TrainingDiverged when the tick saw a long run of non-finite losses or ended with non-finite weights."""
+    longest = run.watch.read_longest()
+    if not options.diverge_steps or (finite and longest < options.diverge_steps):
+        return
+    what = (f'the loss was not finite for {longest} consecutive steps' if longest >= options.diverge_steps
+            else 'the weights are not finite')
+    found = checkpoint.find_checkpoints(options.run_dir)
+    last = f'the last good state is {found[-1][1]}' if found else 'no training state was written'
+    raise TrainingDiverged(
+        f'training diverged at {progress.cur_nimg / 1e3:.3f} kimg: {what}; {last}. Likely causes: a learning rate '
+        f'too high (--lr) or float16 overflow (--precision=fp16, --ls); --diverge-steps=0 trains on regardless.')
+
+
 def _end_tick(run, options, progress, timing, done, stats):
-    """Status line, training state (when due), the tick's statistics (stats.jsonl, TensorBoard); then the next tick."""
+    """Status line, divergence check, training state (when due), the tick's statistics (stats.jsonl,
+    TensorBoard); then the next tick."""
     timing.tick_end = time.time()
     _report_tick(progress, timing, run.device)
+    finite = weights_finite(run.net, run.ema)
+    _check_divergence(run, options, progress, finite)
     if options.state_dump_ticks is not None and progress.cur_tick != 0 and \
             (done or progress.cur_tick % options.state_dump_ticks == 0):
         save_state(options.run_dir, run.net, run.ema, run.optimizer, run.device, options,
-                   progress=dict(cur_nimg=progress.cur_nimg, cur_tick=progress.cur_tick + 1,
-                                 tick_start_nimg=progress.cur_nimg, data_position=progress.data_position,
-                                 seed=int(options.seed), world_size=run.world_size, batch_size=options.batch_size),
+                   progress=_progress_record(run, options, progress, tick_ended=True), finite=finite,
                    phema_state=run.phema.state_dict() if run.phema is not None else None)
-    training_stats.default_collector.update()
     if stats is not None:
         stats.write(training_stats.default_collector.as_dict(), nimg=progress.cur_nimg, timestamp=time.time())
     progress.cur_tick += 1
@@ -480,7 +577,8 @@ def _end_tick(run, options, progress, timing, done, stats):
 
 
 def _report_tick(progress, timing, device):
-    """Print the tick's status line; each number also goes to training_stats (rank 0) for stats.jsonl."""
+    """Print the tick's status line with the tick's mean loss (all processes); each other number also goes to
+    training_stats (rank 0) for stats.jsonl. Collects the tick's statistics."""
     report0 = training_stats.report0
     tick_sec = timing.tick_end - timing.tick_start
     sec_per_kimg = tick_sec / max(progress.cur_nimg - progress.tick_start_nimg, 1) * 1e3
@@ -500,12 +598,21 @@ def _report_tick(progress, timing, device):
     ]
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
+    training_stats.default_collector.update()
+    fields.insert(2, f"loss {training_stats.default_collector.mean('Loss/loss'):<9.4g}")
     distributed.print0(' '.join(fields))
 
 
-def save_state(run_dir, net, ema, optimizer, device, training_options, progress, phema_state=None):
-    """Write training-state-{kimg:06d}.pt on rank 0 (collective: every rank contributes its RNG state).
-    phema_state: the post-hoc EMA tracks' state_dict, if any."""
+def save_state(run_dir, net, ema, optimizer, device, training_options, progress, phema_state=None, preempted=False,
+               finite=None):
+    """Write training-state-{kimg:06d}.pt, or with preempted=True training-state-preempted.pt, on rank 0
+    (collective: every rank contributes its RNG state); a regular state removes the preemption state. phema_state:
+    the post-hoc EMA tracks' state_dict, if any. Returns the path, or None without writing when the weights are not
+    finite (finite: that check, already made)."""
+    if not (finite if finite is not None else weights_finite(net, ema)):
+        distributed.print0(f'Warning: the weights are not finite at {progress["cur_nimg"] / 1e3:.3f} kimg; '
+                           f'no training state written.')
+        return None
     rng_state = misc.get_rng_state(device)
     if distributed.get_world_size() > 1:
         misc.check_ddp_consistency(net)
@@ -513,14 +620,19 @@ def save_state(run_dir, net, ema, optimizer, device, training_options, progress,
         torch.distributed.all_gather_object(rng_states, rng_state)
     else:
         rng_states = [rng_state]
+    name = checkpoint.PREEMPTED_STATE_NAME if preempted else checkpoint.state_file_name(progress['cur_nimg'] // 1000)
+    path = os.path.join(run_dir, name)
     if distributed.get_rank() == 0:
-        path = os.path.join(run_dir, checkpoint.state_file_name(progress['cur_nimg'] // 1000))
         checkpoint.save_training_state(
             path, network_config=net.config, net_state=net.state_dict(), ema_state=ema.state_dict(),
             optimizer_state=optimizer.state_dict(), progress=progress,
             training_options=dnnlib.util.plain_data(training_options), extra=dict(rng_states=rng_states),
             phema=phema_state)
+        if not preempted:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(run_dir, checkpoint.PREEMPTED_STATE_NAME))
     distributed.barrier()
+    return path
 
 
 class _WithKwargs(torch.nn.Module):
