@@ -109,8 +109,8 @@ class Results:
         return all(self.baseline(label, key='kid') is not None for label in self.labels)
 
     def seed_set_gap(self, axis, key='fid'):
-        """(largest |score(seed set 1) − score(seed set 2)| over the axis' folders, |degradation 1 − degradation 2| at
-        the judged setting) of the twice-sampled model: the noise of one score and of one (paired) change."""
+        """(largest |score(seed set 1) − score(seed set 2)| over the axis' folders, |degradation 1 − degradation 2|
+        at the judged setting, None if none) of the twice-sampled model: the noise of one score and of one change."""
         label = self.recipe.second_seed_set
         gaps = [abs(f1 - f2) for (_, f1), (_, f2) in zip(self.points(label, axis, 1, key),
                                                          self.points(label, axis, 2, key))]

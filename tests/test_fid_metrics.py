@@ -296,3 +296,27 @@ def test_fd_dinov2_pipeline_with_a_tiny_network(hub_dir, tiny_detector, tmp_path
     result, lines = invoke('calc', f'--images={other}', *common, '--metrics=fd_dinov2')
     assert result.exit_code == 0, result.output
     assert float(lines[-1].split(': ')[1]) > 1e-3
+
+
+def test_torchrun_two_processes_give_the_same_metrics_and_one_cache(reference, tiny_detector, tmp_path, repo_root):
+    # Catches features gathered wrongly across ranks (rows lost or summed twice), ranks disagreeing on what the
+    # cache holds (a hang), or two ranks writing the cache.
+    import subprocess
+    import sys
+    _data, ref, _plain = reference
+    images = write_folder(tmp_path / 'gen', num=7, seed=21)
+    args = lambda table: ['calc', f'--images={images}', f'--ref={ref}', '--num-images=7', '--batch=2', '--workers=0',
+                          f'--detector={tiny_detector}', '--metrics=kid,pr', f'--table={table}']
+    result, _ = invoke(*args(tmp_path / 'one.json'))
+    assert result.exit_code == 0, result.output
+    env = dict(os.environ, PFGMPP_DEVICE='cpu', OMP_NUM_THREADS='1')
+    for _ in range(2):    # computes and writes the cache, then reads it on both ranks
+        process = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                                  os.path.join(repo_root, 'fid.py'), *args(tmp_path / 'two.json'), '--cache=1'],
+                                 cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+        assert process.returncode == 0, process.stderr[-2000:]
+        [one], [two] = json.loads((tmp_path / 'one.json').read_text()), json.loads((tmp_path / 'two.json').read_text())
+        assert {key: two[key] for key in one if key != 'images'} == pytest.approx(
+            {key: one[key] for key in one if key != 'images'}, rel=1e-5, abs=1e-7)
+    assert sorted(os.listdir(tmp_path)) == sorted(['gen', 'one.json', 'two.json', os.path.basename(
+        features.cache_path(images, fid_stats.file_sha1(tiny_detector)))])
