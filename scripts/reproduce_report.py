@@ -8,7 +8,10 @@ baseline FID. Past it every model's samples are far from the data and FID change
 import json
 import os
 
+import numpy as np
+
 from dnnlib.util import atomic_write
+from training import features, fid_stats, metrics
 from training.pfgmpp import norm_spread
 
 AXES = {  # axis: (title, x label)
@@ -41,6 +44,7 @@ class Results:
         self.r = reproduction
         self.recipe = reproduction.recipe
         self.labels = [label for label, _ in self.recipe.models]
+        self._paired_spreads = {}
 
     def score(self, label, seed_set, axis, value, key='fid'):
         """One score of a folder: fid, kid, kid_std or kid_spread (None when not scored); a bare number in an older
@@ -99,11 +103,41 @@ class Results:
         return dict(self.points(label, axis, seed_set, key))[x] - self.baseline(label, seed_set, key)
 
     def kid_change_noise(self, label, axis, x=None):
-        """Bootstrap standard deviation of one model's KID change: the two folders' spreads in quadrature (they
-        share seeds, so their errors correlate positively and this overstates the noise: conservative)."""
+        """Bootstrap standard deviation of one model's KID change from the baseline to x: the paired bootstrap over
+        seeds on the two folders' cached features when both caches are there; else the two folders' spreads in
+        quadrature (they share seeds, so this overstates the noise)."""
         x = self.judged(axis) if x is None else x
+        paired = self.paired_kid_spread(label, axis, x)
+        if paired is not None:
+            return paired
         spreads = dict(self.points(label, axis, key='kid_spread'))
         return (spreads[x] ** 2 + spreads[self.baseline_x(axis)] ** 2) ** 0.5
+
+    def paired_kid_spread(self, label, axis, x):
+        """metrics.kid_paired_change's spread between the baseline folder and the folder at x (rows paired by file
+        name, i.e. by seed), or None when a folder has no feature cache. Ten subsets: with all generated images in
+        every subset they only average the reference's subsampling, which the change's noise hardly depends on."""
+        key = (label, axis, x)
+        if key not in self._paired_spreads:
+            before = self._cached_features(self.r.folder(label, 1, 'alpha', 0))
+            after = self._cached_features(self.r.folder(label, 1, axis, self.folder_value(axis, x)))
+            if before is None or after is None:
+                self._paired_spreads[key] = None
+            else:
+                ref = fid_stats.load_reference_arrays(self.r.ref_stats, ['features'])['features']
+                self._paired_spreads[key] = metrics.kid_paired_change(before, after, ref, num_subsets=10)[1]
+        return self._paired_spreads[key]
+
+    @staticmethod
+    def folder_value(axis, x):
+        """The sweep value of the folder plotted at x (NFE 2·steps − 1 back to steps)."""
+        return (x + 1) // 2 if axis == 'steps' else x
+
+    @staticmethod
+    def _cached_features(folder):
+        path = features.cache_path(folder, fid_stats.OFFLINE_DETECTOR_SHA1)
+        entries = features.read_cache(path, fid_stats.OFFLINE_DETECTOR_SHA1) if os.path.exists(path) else {}
+        return np.stack([entries[name][1] for name in sorted(entries)]) if entries else None
 
     def has_kid(self):
         return all(self.baseline(label, key='kid') is not None for label in self.labels)
@@ -224,8 +258,8 @@ def axis_verdict(results, axis, margin, key='fid'):
 
 
 def kid_margin(results, axis):
-    """Two standard deviations of the difference of two models' KID changes, from the bootstrap spreads: 2·√2 times
-    the largest single-model change noise."""
+    """Two standard deviations of the difference of two models' KID changes (independent models: their change noises
+    add in quadrature), bounded by 2·√2 times the largest single-model change noise."""
     return 2 * 2 ** 0.5 * max(results.kid_change_noise(label, axis) for label in results.labels)
 
 
@@ -286,7 +320,9 @@ KID_TEXT = (
     'and as many reference images each). Its ± is the bootstrap standard deviation over generated images (`fid.py '
     'calc --metrics=kid`, spread over generated images), the sample noise a comparison between models has to '
     'beat. Unlike FID it is unbiased, so its values at this small sample size can be compared with one another '
-    'directly and a difference between two models\' changes is judged against the bootstrap spreads.')
+    'directly. A model\'s KID change from its baseline is judged against a paired bootstrap (the same resampled '
+    'seeds in both folders, `training.metrics.kid_paired_change` on the folders\' cached features), which keeps the '
+    'correlation the shared seeds create; the ± of two folders in quadrature would overstate that noise.')
 
 
 def recipe_text(reproduction):
@@ -356,8 +392,8 @@ def write_report(reproduction, report_path, quick=False):
             lines += [f'By KID, smaller D is more robust: **{kid_word}**. {kid_detail}']
             if x is not None:
                 _, kid_change_gap = results.seed_set_gap(axis, key='kid')
-                lines[-1] += (f' Noise: changes that differ by less than {kid_margin(results, axis):.4f} (two '
-                              f'bootstrap standard deviations of a difference of two changes) count as equal; the '
+                lines[-1] += (f' Noise: changes that differ by less than {kid_margin(results, axis):.4f} (2·√2 '
+                              f'paired-bootstrap standard deviations of the noisiest change) count as equal; the '
                               f'two seed sets of {reproduction.recipe.second_seed_set} differ by '
                               f'{kid_change_gap:.4f} in this KID change.')
             lines += ['']

@@ -92,6 +92,32 @@ def test_bootstrap_spread_matches_the_spread_over_independent_sets():
     assert 0.5 < np.mean(spreads) / independent < 2, (spreads, independent)
 
 
+def test_paired_change_spread_matches_the_spread_over_independent_seed_sets():
+    # One model under two settings: row i of both sets comes from the same seed (after = before + small noise).
+    # The change's std over 40 independent seed sets ≈ the paired bootstrap of one pair, and far below the two
+    # spreads in quadrature. Catches unpaired resampling (which reproduces the quadrature) and a change that is not
+    # KID(after) − KID(before).
+    rng = np.random.RandomState(8)
+    ref = rng.randn(300, 8)
+
+    def pair():
+        before = rng.randn(150, 8) * 1.1 + 0.15
+        return before, before + rng.randn(150, 8) * 0.1 + 0.05
+    changes = []
+    for _ in range(40):
+        before, after = pair()
+        changes.append(metrics.kid(after, ref, num_subsets=1, num_bootstraps=2).mean -
+                       metrics.kid(before, ref, num_subsets=1, num_bootstraps=2).mean)
+    before, after = pair()
+    change, spread = metrics.kid_paired_change(before, after, ref, num_subsets=1, num_bootstraps=200)
+    separate = [metrics.kid(x, ref, num_subsets=1, num_bootstraps=200) for x in (before, after)]
+    assert change == pytest.approx(separate[1].mean - separate[0].mean, rel=1e-12)
+    assert 0.5 < spread / np.std(changes) < 2, (spread, np.std(changes))
+    assert spread < 0.5 * np.hypot(separate[0].spread, separate[1].spread)
+    with pytest.raises(ValueError, match='Paired sets differ'):
+        metrics.kid_paired_change(before, after[:-1], ref)
+
+
 def test_kid_input_errors():
     with pytest.raises(ValueError, match='Feature sizes differ'):
         metrics.kid(np.zeros((4, 3)), np.zeros((4, 2)))

@@ -169,3 +169,26 @@ def test_d_with_spread_inverts_norm_spread():
     for D in (6.0, 64.0, 128.0, 2048.0):
         assert reproduce_report.d_with_spread(3072, norm_spread(3072, D)) == pytest.approx(D, rel=1e-9)
     assert reproduce_report.d_with_spread(256, norm_spread(256, None)) is None       # the Gaussian floor
+
+
+def test_kid_change_noise_is_the_paired_bootstrap_on_cached_features(tmp_path):
+    # With both folders' feature caches present the margin comes from metrics.kid_paired_change on rows paired by
+    # file name (seed); catches unpaired rows (names in another order) or the quadrature used despite the caches.
+    import numpy as np
+    from training import features, fid_stats, metrics
+    results = _results(tmp_path, dict(zip(['D=8', 'D=128', 'EDM'], [11.0, 12.0, 15.0])))
+    rng = np.random.RandomState(0)
+    ref = rng.randn(40, 6)
+    fid_stats.save_reference_stats(results.r.ref_stats, ref.mean(0), np.cov(ref, rowvar=False), features=ref)
+    before = rng.randn(30, 6)
+    after = before + rng.randn(30, 6) * 0.1
+    names = [f'000000/{seed:06d}.png' for seed in range(30)]
+    for value, rows in [(0, before), (0.2, after)]:
+        order = rng.permutation(30)                      # written in another order: pairing goes by name
+        entries = {names[i]: ((1, 1), rows[i].astype(np.float32)) for i in order}
+        folder = results.r.folder('D=8', 1, 'alpha', value)
+        features.write_cache(features.cache_path(folder, fid_stats.OFFLINE_DETECTOR_SHA1),
+                             fid_stats.OFFLINE_DETECTOR_SHA1, entries)
+    expected = metrics.kid_paired_change(before.astype(np.float32), after.astype(np.float32), ref, num_subsets=10)[1]
+    assert results.kid_change_noise('D=8', 'alpha') == pytest.approx(expected, rel=1e-9)
+    assert results.kid_change_noise('EDM', 'alpha') == pytest.approx(2 ** 0.5 * 0.001)   # no caches: quadrature

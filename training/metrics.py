@@ -72,26 +72,58 @@ def kid(gen_features, ref_features, num_subsets=KID_SUBSETS, subset_size=KID_SUB
     every subset) and recomputes the subsets' estimator with those weights, counting only pairs of distinct images
     within the generated set, so that repeated images do not add the kernel's diagonal.
     """
+    x_all, y_all = _check_pair(gen_features, ref_features, device)
+    weights = bootstrap_weights(x_all.shape[0], num_bootstraps, seed, device)
+    subsets = kid_subsets(x_all.shape[0], y_all.shape[0], subset_size, num_subsets, seed)
+    values, boot_values = _subset_and_bootstrap_kids(x_all, y_all, subsets, weights)
+    return KIDResult(mean=float(values.mean()), std=float(values.std()), spread=float(boot_values.std()),
+                     subset_size=len(subsets[0][0]), num_subsets=num_subsets)
+
+
+def kid_paired_change(gen_before, gen_after, ref_features, num_subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE,
+                      num_bootstraps=KID_BOOTSTRAPS, seed=0, device='cpu'):
+    """(KID(after) − KID(before), its bootstrap standard deviation) for two generated sets whose row i comes from
+    the same seed (one model under two settings). Both KIDs use the subsets kid() draws; the bootstrap resamples the
+    seeds, the same ones in both sets, so the correlation the shared seeds create is kept: the noise of the change,
+    which the two sets' spreads in quadrature would overstate."""
+    before, ref = _check_pair(gen_before, ref_features, device)
+    after, _ = _check_pair(gen_after, ref_features, device)
+    if before.shape != after.shape:
+        raise ValueError(f'Paired sets differ in shape: {list(before.shape)} and {list(after.shape)}')
+    weights = bootstrap_weights(before.shape[0], num_bootstraps, seed, device)
+    subsets = kid_subsets(before.shape[0], ref.shape[0], subset_size, num_subsets, seed)
+    values_before, boot_before = _subset_and_bootstrap_kids(before, ref, subsets, weights)
+    values_after, boot_after = _subset_and_bootstrap_kids(after, ref, subsets, weights)
+    return float(values_after.mean() - values_before.mean()), float((boot_after - boot_before).std())
+
+
+def _check_pair(gen_features, ref_features, device):
     x_all = _as_float64(gen_features, 'generated', device)
     y_all = _as_float64(ref_features, 'reference', device)
     if x_all.shape[1] != y_all.shape[1]:
         raise ValueError(f'Feature sizes differ: generated {x_all.shape[1]}, reference {y_all.shape[1]}')
-    n_gen, n_ref = x_all.shape[0], y_all.shape[0]
-    if min(n_gen, n_ref) < 2:
-        raise ValueError(f'KID needs at least 2 generated and 2 reference images, got {n_gen} and {n_ref}')
+    if min(x_all.shape[0], y_all.shape[0]) < 2:
+        raise ValueError(f'KID needs at least 2 generated and 2 reference images, got {x_all.shape[0]} and '
+                         f'{y_all.shape[0]}')
+    return x_all, y_all
+
+
+def bootstrap_weights(n, num_bootstraps, seed, device):
+    """[B, n] multinomial counts: B resamples of n items with replacement, drawn by RandomState(seed + 1)."""
     rng = np.random.RandomState(seed + 1)
-    weights = torch.as_tensor(rng.multinomial(n_gen, np.full(n_gen, 1 / n_gen), size=num_bootstraps),
-                              dtype=torch.float64, device=device)                       # [B, n_gen]
-    values, boot_values = [], torch.zeros(num_bootstraps, dtype=torch.float64, device=device)
-    subsets = kid_subsets(n_gen, n_ref, subset_size, num_subsets, seed)
+    return torch.as_tensor(rng.multinomial(n, np.full(n, 1 / n), size=num_bootstraps), dtype=torch.float64,
+                           device=device)
+
+
+def _subset_and_bootstrap_kids(x_all, y_all, subsets, weights):
+    """(per-subset unbiased MMD² [S], bootstrap KIDs [B]: each the mean over subsets of the weighted estimator)."""
+    values, boot_values = [], torch.zeros(weights.shape[0], dtype=torch.float64, device=x_all.device)
     for gen_index, ref_index in subsets:
-        x, y = x_all[torch.as_tensor(gen_index, device=device)], y_all[torch.as_tensor(ref_index, device=device)]
+        gen_index = torch.as_tensor(gen_index, device=x_all.device)
+        x, y = x_all[gen_index], y_all[torch.as_tensor(ref_index, device=x_all.device)]
         values.append(mmd2_unbiased(x, y))
-        boot_values += _weighted_mmd2(x, y, weights[:, torch.as_tensor(gen_index, device=device)])
-    values = np.array(values)
-    boot_values = (boot_values / len(subsets)).cpu().numpy()
-    return KIDResult(mean=float(values.mean()), std=float(values.std()), spread=float(boot_values.std()),
-                     subset_size=len(subsets[0][0]), num_subsets=num_subsets)
+        boot_values += _weighted_mmd2(x, y, weights[:, gen_index])
+    return np.array(values), (boot_values / len(subsets)).cpu().numpy()
 
 
 def _weighted_mmd2(x, y, w):
