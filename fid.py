@@ -27,9 +27,10 @@ from training.sampler import MULTISTEP_SOLVERS, nfe_for_steps
 # ---------------------------------------------------------------------------------------------- run-dir mode
 
 # Folder names written by generate.py and the sweep scripts:
-# ckpt_[2_|3_]{kimg}[_{solver}][_{alpha|steps|quant|prune}_{value}], the solver only when it is not heun.
+# ckpt_[2_|3_]{kimg}[_ema{σ_rel}][_{solver}][_{alpha|steps|quant|prune}_{value}], the solver only when it is not
+# heun, the σ_rel only for a post-hoc EMA network (reconstruct_ema.py).
 # One anchored pattern, so a sweep folder is never mistaken for a plain one (reference fid.py globbed them together).
-_FOLDER_PATTERN = re.compile(r'ckpt_(?:(?P<seed_set>[23])_(?=\d))?(?P<kimg>\d+)'
+_FOLDER_PATTERN = re.compile(r'ckpt_(?:(?P<seed_set>[23])_(?=\d))?(?P<kimg>\d+)(?:_ema(?P<ema_std>\d+\.\d+))?'
                              r'(?:_(?P<solver>' + '|'.join(sorted(MULTISTEP_SOLVERS, key=len, reverse=True)) + r'))?'
                              r'(?:_(?P<axis>alpha|steps|quant|prune)_(?P<value>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))?')
 _AXIS_LABELS = {'alpha': 'alpha', 'steps': 'NFE (network evaluations per image)', 'quant': 'quantization bits',
@@ -38,11 +39,12 @@ _AXIS_LABELS = {'alpha': 'alpha', 'steps': 'NFE (network evaluations per image)'
 
 class ImageFolder:
     """One ckpt_* folder of a run: which seed set (1, 2, 3), checkpoint kimg, solver, sweep axis and value (or
-    None); `nfe` is the network evaluations per image of a steps folder (None for the others)."""
+    None); `nfe` is the network evaluations per image of a steps folder (None for the others); `ema_std` the
+    σ_rel of a post-hoc EMA network (None: the training state's EMA)."""
 
-    def __init__(self, path, seed_set, kimg, axis, value, solver='heun'):
+    def __init__(self, path, seed_set, kimg, axis, value, solver='heun', ema_std=None):
         self.path, self.seed_set, self.kimg, self.axis, self.value = path, seed_set, kimg, axis, value
-        self.solver = solver
+        self.solver, self.ema_std = solver, ema_std
         self.nfe = nfe_for_steps(solver, value) if axis == 'steps' else None
         self.name = os.path.basename(path)
         self.fid = None
@@ -50,7 +52,7 @@ class ImageFolder:
 
     def group_key(self):
         """Folders that differ only by seed set."""
-        return self.kimg, self.solver, self.axis, self.value
+        return self.kimg, self.solver, self.axis, self.value, self.ema_std
 
 
 def parse_folder_name(name):
@@ -62,7 +64,8 @@ def parse_folder_name(name):
     if axis is not None:
         value = float(value) if axis in ('alpha', 'prune') else int(float(value))
     return dict(seed_set=int(match['seed_set'] or 1), kimg=int(match['kimg']), axis=axis, value=value,
-                solver=match['solver'] or 'heun')
+                solver=match['solver'] or 'heun',
+                ema_std=float(match['ema_std']) if match['ema_std'] is not None else None)
 
 
 def find_image_folders(run_dir):
@@ -72,7 +75,7 @@ def find_image_folders(run_dir):
         fields = parse_folder_name(name)
         if fields is not None and os.path.isdir(os.path.join(run_dir, name)):
             folders.append(ImageFolder(os.path.join(run_dir, name), **fields))
-    return sorted(folders, key=lambda f: (f.axis or '', f.solver, f.kimg, f.value or 0, f.seed_set))
+    return sorted(folders, key=lambda f: (f.axis or '', f.solver, f.kimg, f.ema_std or 0, f.value or 0, f.seed_set))
 
 
 def select_folders(folders, ckpt=0, end_ckpt=1000000, gen_seed=None, axes=()):
@@ -101,11 +104,12 @@ def write_table(folders, path):
         rows.append(dict(folder=f.name, seed_set=f.seed_set, kimg=f.kimg, solver=f.solver, axis=f.axis or '',
                          value='' if f.value is None else f.value, nfe='' if f.nfe is None else f.nfe, fid=f.fid,
                          min_fid_over_seed_sets='' if best is None else best[0],
-                         seed_sets='' if best is None else ' '.join(map(str, best[1]))))
+                         seed_sets='' if best is None else ' '.join(map(str, best[1])),
+                         ema_std='' if f.ema_std is None else f.ema_std))
         rows[-1].update({column: f.metrics.get(column, '') for column in extra_columns(folders)})
     if path.lower().endswith('.json'):
-        summary = [dict(kimg=k, solver=solver, axis=a, value=v, min_fid=fid, seed_sets=sets)
-                   for (k, solver, a, v), (fid, sets) in sorted(minima.items(), key=lambda item: str(item[0]))]
+        summary = [dict(kimg=k, solver=solver, axis=a, value=v, min_fid=fid, seed_sets=sets, ema_std=ema_std)
+                   for (k, solver, a, v, ema_std), (fid, sets) in sorted(minima.items(), key=lambda item: str(item[0]))]
         write_rows(dict(folders=rows, min_over_seed_sets=summary), path)
     else:
         write_rows(rows, path)
@@ -132,9 +136,11 @@ def plot_lines(folders, axis, metric='fid'):
     for f in folders:
         if f.axis == axis:
             value = f.fid if metric == 'fid' else f.metrics[metric]
-            lines.setdefault((f.solver, f.kimg, f.seed_set), []).append((f.nfe if axis == 'steps' else f.value, value))
-    return {f'{solver}, kimg {kimg}' + (f', seeds {seed_set}' if seed_set != 1 else ''): sorted(points)
-            for (solver, kimg, seed_set), points in sorted(lines.items())}
+            lines.setdefault((f.solver, f.kimg, f.seed_set, f.ema_std or 0), []).append(
+                (f.nfe if axis == 'steps' else f.value, value))
+    return {f'{solver}, kimg {kimg}' + (f', EMA σ_rel {ema:.3f}' if ema else '') +
+            (f', seeds {seed_set}' if seed_set != 1 else ''): sorted(points)
+            for (solver, kimg, seed_set, ema), points in sorted(lines.items())}
 
 
 def write_plot(folders, path, metric='fid'):
