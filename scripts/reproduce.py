@@ -4,10 +4,11 @@
     python scripts/reproduce.py --quick    # tiny sizes, a few minutes (the tests run this)
 
 One model per D on the offline digits (identical recipe and seed otherwise), the three robustness sweeps of the
-paper (noise injection α, number of steps, weight quantization) with generate_alpha/steps/quant.py, FID with
-fid.py against the whole dataset, then tables, plots and a verdict. Everything runs as a user would type it (one
+paper (noise injection α, number of steps, weight quantization) with generate_alpha/steps/quant.py, FID and KID
+(with its bootstrap spread) with fid.py against the whole dataset, then tables, plots and a verdict. Everything runs as a user would type it (one
 subprocess per command, logs in <out>/logs/). Re-running resumes: finished trainings, image folders and scores are
-skipped, so an interrupted run is simply started again.
+skipped, so an interrupted run is simply started again. Scores from an older run that lack KID are redone from the
+folders' cached Inception features (computed once per folder, then reused), without sampling again.
 """
 
 import dataclasses
@@ -19,6 +20,7 @@ import sys
 import time
 
 import click
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -27,6 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dnnlib.util import atomic_write               # noqa: E402
 from training.generation import folder_name, missing_seeds, network_kimg   # noqa: E402
 import reproduce_report                            # noqa: E402
+
+
+SCORED_METRICS = 'fid,kid'
+SCORE_KEYS = ('fid', 'kid', 'kid_std', 'kid_spread')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +150,14 @@ class Reproduction:
 
     def make_ref_stats(self):
         data = self.ref_dataset if self.recipe.ref_images else self.dataset
-        self.command('fid-ref', 'fid.py', 'ref', f'--data={data}', f'--dest={self.ref_stats}', '--workers=1')
+        self.command('fid-ref', 'fid.py', 'ref', f'--data={data}', f'--dest={self.ref_stats}', '--workers=1',
+                     '--features=1')
+
+    def ref_has_features(self):
+        if not os.path.exists(self.ref_stats):
+            return False
+        with np.load(self.ref_stats) as data:
+            return 'features' in data
 
     def train(self, label, D):
         prior = ['--pfgmpp=0'] if D is None else ['--pfgmpp=1', f'--aug_dim={D}']
@@ -161,10 +174,19 @@ class Reproduction:
                      '--batch=100')
 
     def score(self, path):
-        last_line = self.command('fid', 'fid.py', 'calc', f'--images={path}', f'--ref={self.ref_stats}',
-                                 f'--num={self.recipe.num_images}', '--workers=1')
-        self.scores[os.path.relpath(path, self.out)] = float(last_line)
+        """FID and KID of one folder; its Inception features are cached beside it, so a rescore is cheap."""
+        rel = os.path.relpath(path, self.out)
+        table = os.path.join(self.out, 'tables', rel.replace(os.sep, '--') + '.json')
+        self.command('fid', 'fid.py', 'calc', f'--images={path}', f'--ref={self.ref_stats}',
+                     f'--num={self.recipe.num_images}', '--workers=1', f'--metrics={SCORED_METRICS}', '--cache=1',
+                     f'--table={table}')
+        [row] = _read_json(table)
+        self.scores[rel] = {key: row[key] for key in SCORE_KEYS}
         _write_json(self.scores_path, self.scores)
+
+    def scored(self, rel):
+        """Scored with every metric of this version (an older run's scores.json holds bare FIDs)."""
+        return isinstance(self.scores.get(rel), dict) and all(key in self.scores[rel] for key in SCORE_KEYS)
 
     # --- the job list ----------------------------------------------------------------------------------------
 
@@ -173,7 +195,7 @@ class Reproduction:
         jobs = [Job('dataset', 5, lambda: os.path.exists(self.dataset) and (
                     not r.ref_images or os.path.exists(self.ref_dataset)), self.make_dataset),
                 Job('FID reference statistics', (r.ref_images or 1797) * r.sec_per_fid_image,
-                    lambda: os.path.exists(self.ref_stats), self.make_ref_stats)]
+                    self.ref_has_features, self.make_ref_stats)]
         for label, D in r.models:
             jobs.append(Job(f'train {label}', r.kimg * r.sec_per_kimg,
                             lambda label=label: self.training_done(label),
@@ -195,8 +217,8 @@ class Reproduction:
                             lambda a=(label, seed_set, axis, values, script, list_option): self.sample(*a)))
             for path in folders:
                 rel = os.path.relpath(path, self.out)
-                jobs.append(Job(f'FID {rel}', 6 + r.num_images * r.sec_per_fid_image,
-                                lambda rel=rel: rel in self.scores, lambda path=path: self.score(path)))
+                jobs.append(Job(f'FID and KID {rel}', 6 + r.num_images * r.sec_per_fid_image,
+                                lambda rel=rel: self.scored(rel), lambda path=path: self.score(path)))
         return jobs
 
     def run_all(self):

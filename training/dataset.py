@@ -252,3 +252,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     @property
     def has_onehot_labels(self):
         return self._raw_labels.dtype == np.int64
+
+    @property
+    def image_fnames(self):
+        """File name (relative to the folder or archive) of every item, in item order."""
+        return [self._image_fnames[raw_idx] for raw_idx in self._raw_idx]

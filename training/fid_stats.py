@@ -108,6 +108,9 @@ def open_local_or_url(path_or_url):
 class InceptionDetector(torch.nn.Module):
     """`detector(uint8 NCHW images) -> float32 [B, 2048]` features, whichever copy of the network is loaded."""
 
+    feature_dim = FEATURE_DIM
+    sha1 = None  # the detector file's SHA-1 (set by load_detector): the key of the feature cache
+
     def __init__(self, network, resizes_itself, source):
         super().__init__()
         self.network = network
@@ -153,9 +156,11 @@ def load_detector(detector=None, device=None, verbose=True):
         finally:
             if dist.get_rank() == 0:
                 dist.barrier()
+    sha1 = file_sha1(path)
     if verbose:
-        dist.print0(f'Loading Inception detector {path} (sha1 {file_sha1(path)})')
+        dist.print0(f'Loading Inception detector {path} (sha1 {sha1})')
     result = _load_detector_file(path, device)
+    result.sha1 = sha1
     _loaded_detectors[key] = result
     return result
 
@@ -267,7 +272,41 @@ def load_reference_stats(path_or_url):
     return stats
 
 
-def save_reference_stats(path, mu, sigma):
-    """Write {'mu', 'sigma'} (float64) atomically in the reference npz format."""
+def save_reference_stats(path, mu, sigma, **extra):
+    """Write {'mu', 'sigma'} (float64) atomically in the reference npz format, plus optional arrays (`features`,
+    `dinov2_mu`, `dinov2_sigma`) that readers of mu and sigma, EDM's fid.py included, ignore."""
     with atomic_write(path) as f:
-        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
+
+
+REFERENCE_EXTRAS_HINT = {
+    'features': 'make the reference with `python fid.py ref --features=1 ...` (KID and precision/recall need the '
+                "reference's features, not only mu and sigma)",
+    'dinov2_mu': 'make the reference with `python fid.py ref --dinov2=<DINOv2 source> ...`',
+}
+
+
+def load_reference_arrays(path_or_url, keys):
+    """{key: array} of optional arrays of a reference npz (see save_reference_stats); ValueError naming the fix when
+    one is missing."""
+    path = open_local_or_url(path_or_url)
+    try:
+        with np.load(path) as data:
+            arrays = {key: np.asarray(data[key]) for key in keys if key in data}
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f'Cannot read reference statistics {path_or_url}: {error}') from None
+    for key in keys:
+        if key not in arrays:
+            hint = REFERENCE_EXTRAS_HINT.get(key, REFERENCE_EXTRAS_HINT['dinov2_mu'])
+            raise ValueError(f'Reference statistics {path_or_url} hold no {key}; {hint}')
+    return arrays
+
+
+def stats_from_features(features):
+    """(mu, sigma) in float64 of a [n, d] feature matrix, the way calculate_inception_stats accumulates them."""
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f'Statistics need at least 2 feature rows, got shape {list(x.shape)}')
+    n = x.shape[0]
+    mu = x.sum(0) / n
+    return mu, (x.T @ x - n * np.outer(mu, mu)) / (n - 1)
