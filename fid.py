@@ -20,46 +20,36 @@ import click
 from dnnlib.util import atomic_write, error_summary
 from torch_utils import distributed as dist
 from training import fid_stats
-from training.sampler import MULTISTEP_SOLVERS, nfe_for_steps
+from training.generation import folder_nfe, parse_folder_name as generation_parse_folder_name
 
 # ---------------------------------------------------------------------------------------------- run-dir mode
 
-# Folder names written by generate.py and the sweep scripts:
-# ckpt_[2_|3_]{kimg}[_{solver}][_{alpha|steps|quant|prune}_{value}], the solver only when it is not heun.
-# One anchored pattern, so a sweep folder is never mistaken for a plain one (reference fid.py globbed them together).
-_FOLDER_PATTERN = re.compile(r'ckpt_(?:(?P<seed_set>[23])_(?=\d))?(?P<kimg>\d+)'
-                             r'(?:_(?P<solver>' + '|'.join(sorted(MULTISTEP_SOLVERS, key=len, reverse=True)) + r'))?'
-                             r'(?:_(?P<axis>alpha|steps|quant|prune)_(?P<value>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))?')
 _AXIS_LABELS = {'alpha': 'alpha', 'steps': 'NFE (network evaluations per image)', 'quant': 'quantization bits',
                 'prune': 'pruning ratio'}
 
 
 class ImageFolder:
-    """One ckpt_* folder of a run: which seed set (1, 2, 3), checkpoint kimg, solver, sweep axis and value (or
-    None); `nfe` is the network evaluations per image of a steps folder (None for the others)."""
+    """One ckpt_* folder of a run: which seed set (1, 2, 3), checkpoint kimg, solver and its settings (`fields`),
+    sweep axis and value (or None); `nfe` is the network evaluations per image of a steps folder (None for the
+    others); `setting` names solver and fields, e.g. `dpm2m end-stop grid-rho lof-1 afs-0`."""
 
-    def __init__(self, path, seed_set, kimg, axis, value, solver='heun'):
+    def __init__(self, path, seed_set, kimg, axis, value, solver='heun', fields=None):
         self.path, self.seed_set, self.kimg, self.axis, self.value = path, seed_set, kimg, axis, value
-        self.solver = solver
-        self.nfe = nfe_for_steps(solver, value) if axis == 'steps' else None
+        self.solver, self.fields = solver, dict(fields or {})
+        self.setting = ' '.join([solver] + [f'{key}-{field}' for key, field in self.fields.items()])
+        self.nfe = folder_nfe(solver, self.fields, value) if axis == 'steps' else None
         self.name = os.path.basename(path)
         self.fid = None
 
     def group_key(self):
         """Folders that differ only by seed set."""
-        return self.kimg, self.solver, self.axis, self.value
+        return self.kimg, self.setting, self.axis, self.value
 
 
 def parse_folder_name(name):
-    """ImageFolder fields for a generate.py folder name, or None when the name is not one."""
-    match = _FOLDER_PATTERN.fullmatch(name)
-    if match is None:
-        return None
-    axis, value = match['axis'], match['value']
-    if axis is not None:
-        value = float(value) if axis in ('alpha', 'prune') else int(float(value))
-    return dict(seed_set=int(match['seed_set'] or 1), kimg=int(match['kimg']), axis=axis, value=value,
-                solver=match['solver'] or 'heun')
+    """ImageFolder fields for a generate.py folder name (training.generation.folder_name), or None when the name
+    is not one."""
+    return generation_parse_folder_name(name)
 
 
 def find_image_folders(run_dir):
@@ -69,7 +59,7 @@ def find_image_folders(run_dir):
         fields = parse_folder_name(name)
         if fields is not None and os.path.isdir(os.path.join(run_dir, name)):
             folders.append(ImageFolder(os.path.join(run_dir, name), **fields))
-    return sorted(folders, key=lambda f: (f.axis or '', f.solver, f.kimg, f.value or 0, f.seed_set))
+    return sorted(folders, key=lambda f: (f.axis or '', f.setting, f.kimg, f.value or 0, f.seed_set))
 
 
 def select_folders(folders, ckpt=0, end_ckpt=1000000, gen_seed=None, axes=()):
@@ -94,7 +84,7 @@ def write_table(folders, path):
     rows = []
     for f in folders:
         best = minima.get(f.group_key())
-        rows.append(dict(folder=f.name, seed_set=f.seed_set, kimg=f.kimg, solver=f.solver, axis=f.axis or '',
+        rows.append(dict(folder=f.name, seed_set=f.seed_set, kimg=f.kimg, solver=f.setting, axis=f.axis or '',
                          value='' if f.value is None else f.value, nfe='' if f.nfe is None else f.nfe, fid=f.fid,
                          min_fid_over_seed_sets='' if best is None else best[0],
                          seed_sets='' if best is None else ' '.join(map(str, best[1]))))
@@ -118,7 +108,7 @@ def plot_lines(folders, axis):
     lines = {}
     for f in folders:
         if f.axis == axis:
-            lines.setdefault((f.solver, f.kimg, f.seed_set), []).append((f.nfe if axis == 'steps' else f.value, f.fid))
+            lines.setdefault((f.setting, f.kimg, f.seed_set), []).append((f.nfe if axis == 'steps' else f.value, f.fid))
     return {f'{solver}, kimg {kimg}' + (f', seeds {seed_set}' if seed_set != 1 else ''): sorted(points)
             for (solver, kimg, seed_set), points in sorted(lines.items())}
 

@@ -98,13 +98,62 @@ def seed_set_prefix(seeds):
     return 'ckpt_3_' if smallest >= 100000 else 'ckpt_2_' if smallest >= 50000 else 'ckpt_'
 
 
-def folder_name(kimg, seeds, axis=None, value=None, solver=None):
+def sampler_fields(solver, sampler_kwargs):
+    """The folder-name fields {key: value} of a solver's settings: for the multistep solvers every option of
+    sampler.MULTISTEP_OPTIONS with its default filled in (`end-stop_grid-rho_lof-1_afs-0`), so a name never depends
+    on what the defaults were when it was written; none for heun."""
+    if solver in (None, 'heun'):
+        return {}
+    settings = sampling.multistep_settings(**sampler_kwargs)
+    return {'end': settings['ending'], 'grid': settings['sigma_grid'], 'lof': int(settings['lower_order_final']),
+            'afs': int(settings['afs'])}
+
+
+def folder_name(kimg, seeds, axis=None, value=None, solver=None, fields=None):
     """`ckpt_000100`, `ckpt_2_000100_alpha_0.1`, `ckpt_000100_steps_18`, `ckpt_000100_quant_8`, ...; a solver other
-    than heun adds its name after the kimg: `ckpt_000100_dpm2m_steps_9`, `ckpt_000100_ipndm`."""
+    than heun adds its name after the kimg, then its settings as `_key-value` fields (`fields`, e.g. from
+    sampler_fields), then the sweep axis: `ckpt_000100_dpm2m_end-stop_grid-rho_lof-1_afs-0_steps_9`.
+    parse_folder_name reads every part back; keys are lower-case words, values contain no `_`."""
     name = f'{seed_set_prefix(seeds)}{kimg:06d}'
     if solver not in (None, 'heun'):
         name = f'{name}_{solver}'
+    for key, field in (fields or {}).items():
+        field = f'{field:g}' if isinstance(field, float) else str(field)
+        if not re.fullmatch(r'[a-z]+', key) or not field or '_' in field or '/' in field:
+            raise ValueError(f'folder-name field {key}={field!r}: keys are lower-case words, values non-empty '
+                             f'without "_" or "/"')
+        name = f'{name}_{key}-{field}'
     return name if axis is None else f'{name}_{axis}_{value:g}'
+
+
+_FOLDER_RE = re.compile(r'ckpt_(?:(?P<seed_set>[23])_(?=\d))?(?P<kimg>\d+)'
+                        r'(?:_(?P<solver>' + '|'.join(sorted(sampling.MULTISTEP_SOLVERS, key=len, reverse=True)) +
+                        r'))?(?P<fields>(?:_[a-z]+-[^_/]+)*)'
+                        r'(?:_(?P<axis>alpha|steps|quant|prune)_(?P<value>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))?')
+
+
+def parse_folder_name(name):
+    """The parts of a folder_name: dict(seed_set, kimg, solver, fields, axis, value), or None when `name` is not one.
+    fields: {key: value string}. A multistep solver's folder without its `end-` field was written before the
+    solvers took their published forms (dpm2m, dpm3m and ipndm_v were other algorithms then): None."""
+    match = _FOLDER_RE.fullmatch(name)
+    if match is None:
+        return None
+    fields = dict(token.split('-', 1) for token in match['fields'].split('_')[1:])
+    solver = match['solver'] or 'heun'
+    if solver != 'heun' and 'end' not in fields:
+        return None
+    axis, value = match['axis'], match['value']
+    if axis is not None:
+        value = float(value) if axis in ('alpha', 'prune') else int(float(value))
+    return dict(seed_set=int(match['seed_set'] or 1), kimg=int(match['kimg']), solver=solver, fields=fields,
+                axis=axis, value=value)
+
+
+def folder_nfe(solver, fields, num_steps):
+    """Network evaluations per image of a steps folder, from its parsed solver and fields."""
+    return sampling.nfe_for_steps(solver, num_steps, ending=fields.get('end'),
+                                  afs=None if 'afs' not in fields else fields['afs'] == '1')
 
 
 def grid_file(grid, folder):
@@ -266,7 +315,7 @@ def generate_folder(net, seeds, folder, *, sampler_kwargs, noise_alpha=0, class_
 # The driver behind the scripts.
 
 SAMPLER_OPTIONS = ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise', 'solver',
-                   'discretization', 'schedule', 'scaling')
+                   'discretization', 'schedule', 'scaling') + sampling.MULTISTEP_OPTIONS
 SWEEP_AXES = (None, 'alpha', 'steps', 'quant')
 
 
@@ -308,7 +357,7 @@ def output_folder(opts, kimg, axis, value):
     everything else into ckpt_* folders, completing partial ones."""
     if opts['network_pkl'] is not None and axis is None:
         return opts['outdir'], None, opts['subdirs'], False
-    name = folder_name(kimg, opts['seeds'], axis, value, opts.get('solver'))
+    name = folder_name(kimg, opts['seeds'], axis, value, opts.get('solver'), sampler_fields(opts.get('solver'), opts))
     return os.path.join(opts['outdir'], name), name, True, True
 
 
