@@ -9,7 +9,8 @@ Two ways to name the networks:
   → images straight into `--outdir` (generate.py) or `--outdir/ckpt_{kimg:06d}_<axis>_<value>/` (sweeps).
 - `--outdir=<run dir>` alone (the PFGM++ README's form): every checkpoint of the run, filtered by
   --ckpt/--end_ckpt, → `ckpt_{kimg:06d}[_<axis>_<value>]/{seed//1000*1000:06d}/{seed:06d}.png`; `ckpt_2_`/`ckpt_3_`
-  when the smallest seed is ≥ 50000 / ≥ 100000. Complete folders are skipped, partial ones completed.
+  when the smallest seed is ≥ 50000 / ≥ 100000. Complete folders are skipped, partial ones completed. A solver
+  other than heun puts its name and settings before the axis (`folder_name`, read back by `parse_folder_name`).
 
 Seeds are sharded over torchrun ranks as the reference does; every image depends only on its seed
 (`sampler.SeedRandom`), so batch size and rank count never change the bytes of an image on the CPU. On CUDA the

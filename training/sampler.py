@@ -5,7 +5,9 @@ samplers here take `latents` that are x already drawn from the prior at the firs
 (σ·N(0, I) for EDM, `training.pfgmpp.sample_noise(shape, σ, D)` for PFGM++); `prior_sigma()` says which level
 that is. The ODE state is kept in float64 whatever the network's precision; the network is called in one place,
 `denoise()`. Solvers: EDM's Heun (`edm_sampler`, the default), the one-evaluation-per-step solvers of
-`multistep_sampler` (Euler, DPM-Solver++ 2M/3M, iPNDM; docs/samplers.md), and EDM's ablation sampler.
+`multistep_sampler` (Euler, the published DPM-Solver++(2M)/(3M), iPNDM and iPNDM_v, and the exact-integration
+forms dpm2m_taylor, dpm3m_exact, lms; with a choice of ending, grid, lower-order final steps and AFS;
+docs/samplers.md), and EDM's ablation sampler.
 
 Randomness (churn and α noise injection) is drawn through `randn_like`, normally the per-seed
 `SeedRandom.randn_like`, so every image depends on its own seed only. Draw order per step, fixed: the α noise
