@@ -294,8 +294,8 @@ def multistep_sampler(net, latents, class_labels=None, randn_like=torch.randn_li
     """A one-evaluation-per-step solver on the grid t_0 > … > t_{n−1} = σ_min of `sigma_steps`.
 
     Step i evaluates D_i = D(x_i; t_i) once (AFS: step 0 uses analytic_first_denoised) and moves to t_{i+1} with
-    `solver` over the last few D's, at the order the history allows (lower_order_final: also at most the number of
-    moves left, so the last move is first order, the one before second order, ...). ending 'stop': return x at
+    `solver` over the last few D's, at the order the history allows (lower_order_final: after the warm start, also at most
+    the number of moves left, so the last move is first order, the one before second order, ...). ending 'stop': return x at
     σ_min (NFE = n − 1); 'denoise': return D(x_{n−1}; σ_min) (NFE = n). AFS saves one NFE. latents: x at t_0,
     drawn from the prior. alpha: α·t_i·N(0, I) added to x before each evaluation (not at a 'stop' end). None
     options take MULTISTEP_DEFAULTS. Returns float64.
