@@ -13,7 +13,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed, precision
-from training import checkpoint, training_loop
+from training import checkpoint, phema, training_loop
 from training.pfgmpp import check_aug_dim
 
 # The reference's --arch choices (network_kwargs) and its --augment pipeline; benchmarks/ uses them too.
@@ -43,6 +43,24 @@ def parse_int_list_option(_ctx, _param, value):
         return dnnlib.util.parse_int_list(value)
     except ValueError:
         raise click.BadParameter(f'{value!r} is not a comma-separated list of integers (e.g. 1,2,2)') from None
+
+
+def parse_phema_option(_ctx, _param, value):
+    """--phema=0.05,0.10 → [0.05, 0.1]: distinct σ_rel values in (0, 1/√12)."""
+    if value is None:
+        return None
+    try:
+        stds = [float(piece) for piece in value.split(',')]
+    except ValueError:
+        raise click.BadParameter(f'{value!r} is not a comma-separated list of numbers (e.g. 0.05,0.10)') from None
+    try:
+        for std in stds:
+            phema.check_std(std)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    if len(set(stds)) != len(stds):
+        raise click.BadParameter(f'{value!r} lists a σ_rel twice')
+    return stds
 
 
 def build_options(opts):
@@ -77,6 +95,8 @@ def build_options(opts):
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
     c.update(precision=opts.precision, compile=opts.compile, channels_last=opts.channels_last)
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
+    if opts.phema is not None:  # recorded only when on, so runs without it keep the reference's options
+        c.update(phema_stds=opts.phema, phema_snap_kimg=opts.phema_snap)
     return c
 
 
@@ -166,6 +186,20 @@ def check_resume(path, net, option='--resume'):
     return state
 
 
+def check_resume_phema(state, stds, path):
+    """Post-hoc EMA tracks average from the run's start: a resume keeps exactly the state's tracks."""
+    saved = state.get('phema')
+    saved_stds = [float(std) for std in saved['stds']] if saved is not None else None
+    if saved_stds != stds:
+        if saved_stds is None:
+            raise click.ClickException(f'--phema: {path} was trained without post-hoc EMA tracks; a track needs '
+                                       f'the weights from the run\'s start, so start a new run to use --phema')
+        given = f'--phema={",".join(f"{std:g}" for std in stds)}' if stds else 'no --phema'
+        raise click.ClickException(f'--phema: {path} tracks σ_rel {",".join(f"{std:g}" for std in saved_stds)}, '
+                                   f'this run has {given}; resume with --phema='
+                                   f'{",".join(f"{std:g}" for std in saved_stds)}')
+
+
 def check_transfer(path, net):
     try:
         source = checkpoint.load_network(path)
@@ -200,6 +234,7 @@ def plan_start(c, opts, net, resume, run_dir):
         state = check_resume(resume, net, option='--resume' if opts.resume is not None else
                              f'--name={opts.name} (continuing its latest state)')
         progress = state['progress']
+        check_resume_phema(state, c.get('phema_stds'), resume)
         del state
         if progress['cur_nimg'] >= c.total_kimg * 1000:
             distributed.print0(f'{resume} is at {progress["cur_nimg"] / 1e3:.3f} kimg: training for '
@@ -236,6 +271,9 @@ def print_summary(c, opts, resume, world_size):
     distributed.print0(f'Mixed-precision:         {c.network_kwargs.use_fp16}')
     distributed.print0(f'Precision:               {c.precision}{" + torch.compile" if c.compile else ""}'
                        f'{" + channels-last" if c.channels_last else ""}')
+    if c.get('phema_stds'):
+        distributed.print0(f'Post-hoc EMA tracks:     σ_rel {", ".join(f"{std:g}" for std in c.phema_stds)}, '
+                           f'snapshots every {c.phema_snap_kimg} kimg')
     if resume is not None:
         distributed.print0(f'Resuming from:           {resume}')
     distributed.print0()
@@ -308,6 +346,12 @@ def _random_seed(device):
               default=0.13, show_default=True)
 @click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
               default=0.12, show_default=True)
+@click.option('--phema', help='Post-hoc EMA: power-function EMA tracks of these σ_rel, reconstructed to any EMA '
+                               'length afterwards by reconstruct_ema.py (docs/ema.md). Each track keeps a copy of '
+                               'the weights on every device and writes 4 bytes per parameter per snapshot  '
+                               '[default: off]', metavar='LIST', type=str, callback=parse_phema_option)
+@click.option('--phema-snap', help='Post-hoc EMA snapshot interval (and one at the end)', metavar='KIMG',
+              type=click.IntRange(min=1), default=2500, show_default=True)
 @click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False, show_default=True)
 # Performance-related.
 @click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False,

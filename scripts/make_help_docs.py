@@ -22,6 +22,8 @@ HELP_DOCS = {
     'generate-quant-help.txt': ('generate_quant.py', [[]]),
     'fid-help.txt': ('fid.py', [[], ['calc'], ['ref']]),
     'dataset-tool-help.txt': ('dataset_tool.py', [[]]),
+    'likelihood-help.txt': ('likelihood.py', [[]]),
+    'reconstruct-ema-help.txt': ('reconstruct_ema.py', [[]]),
 }
 
 

@@ -1,7 +1,7 @@
 """Run train.py's command line in this process and save this rank's final net and EMA weights.
 
 Usage (under torchrun): ddp_capture.py OUT_PREFIX TRAIN_ARGS...; writes OUT_PREFIX-rank{rank}.pt holding
-{'net': state_dict, 'ema': state_dict}. Lets a test compare the weights every process ended with instead of
+{'net': state_dict, 'ema': state_dict} (and 'phema' tracks when on). Lets a test compare the weights every process ended with instead of
 trusting the program's own consistency check.
 """
 
@@ -25,6 +25,9 @@ def main():
         result = run(**kwargs)
         weights = {name: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
                    for name, module in (('net', result.net), ('ema', result.ema))}
+        if result.phema is not None:  # the post-hoc EMA tracks, {'0.05': {name: tensor}, ...}
+            weights['phema'] = {f'{std:g}': {k: v.detach().cpu().clone() for k, v in track.items()}
+                                for std, track in zip(result.phema.stds, result.phema.state_dict()['tracks'])}
         torch.save(weights, f'{out_prefix}-rank{int(os.environ.get("RANK", 0))}.pt')
         return result
 

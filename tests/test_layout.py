@@ -53,7 +53,8 @@ def test_library_module_imports_no_click_and_only_lower_layers(module):
         top = name.split('.')[0]
         if top in LAYERS:
             assert LAYERS.index(top) >= layer, f'{module} imports {name}, a layer above it'
-        scripts = ('train', 'generate', 'generate_alpha', 'generate_steps', 'generate_quant', 'fid', 'dataset_tool')
+        scripts = ('train', 'generate', 'generate_alpha', 'generate_steps', 'generate_quant', 'fid', 'dataset_tool',
+                   'likelihood', 'reconstruct_ema')
         assert top not in scripts, f'{module} imports the script {name}'
 
 

@@ -52,6 +52,8 @@ def _tensors(state):
     flat.update({f'ema.{k}': v for k, v in state['ema'].items()})
     for index, param_state in state['optimizer_state']['state'].items():
         flat.update({f'adam.{index}.{k}': v for k, v in param_state.items()})
+    for std, track in zip(state.get('phema', {}).get('stds', []), state.get('phema', {}).get('tracks', [])):
+        flat.update({f'phema.{std:g}.{k}': v for k, v in track.items()})
     return flat
 
 
@@ -127,7 +129,9 @@ def test_resume_by_name_and_by_path_is_bit_identical(full_run, data_zip):
 
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-DDP = ['--name=ddp', '--arch=ncsnpp'] + PFGMPP + TINY
+# With post-hoc EMA tracks on: also checks that torchrun keeps them equal on every process, that rank 0's tracks
+# are what the snapshots and the training state hold, and (resume test) that they resume exactly.
+DDP = ['--name=ddp', '--arch=ncsnpp', '--phema=0.05,0.1', '--phema-snap=1'] + PFGMPP + TINY
 
 
 def run_torchrun_and_capture(outdir, args):
@@ -155,6 +159,13 @@ def _check_two_process_run(run_dir, ranks, precision):
             assert torch.equal(tensor, ranks[1][which][name]), f'{which}.{name} differs between ranks'
             assert torch.equal(tensor, state[which][name]), f'{which}.{name} differs from the checkpoint'
     assert len(state['extra']['rng_states']) == 2 and state['progress']['world_size'] == 2
+    for std, saved in zip(state['phema']['stds'], state['phema']['tracks']):
+        snapshot = checkpoint.load_network_file(os.path.join(run_dir, f'phema-track-000001-{std:.3f}.pt'))
+        assert snapshot['info']['run_id'] == state['phema']['run_id']
+        for name, tensor in saved.items():
+            assert torch.equal(tensor, ranks[0]['phema'][f'{std:g}'][name]), f'phema {std} {name} rank 0'
+            assert torch.equal(tensor, ranks[1]['phema'][f'{std:g}'][name]), f'phema {std} {name} rank 1'
+            assert torch.equal(tensor, snapshot['ema'][name]), f'phema {std} {name} snapshot'
     assert not torch.equal(state['extra']['rng_states'][0]['torch'], state['extra']['rng_states'][1]['torch'])
     assert state['network_config']['embedding_type'] == 'fourier'
     options = json.load(open(os.path.join(run_dir, 'training_options.json')))

@@ -3,7 +3,7 @@
 A file `training-state-{kimg:06d}.pt` is a torch.save'd dict:
 
     format            'pfgmpp-training-state'
-    version           1
+    version           2 (version-1 files, which lack the optional entries below, still load)
     network_config    plain dict that networks.build_network() turns back into the preconditioned network,
                       including class_name, the architecture and the augmentation dimension D (None = EDM)
     net, ema          state_dicts (CPU tensors) of the trained network and of its EMA
@@ -11,6 +11,15 @@ A file `training-state-{kimg:06d}.pt` is a torch.save'd dict:
     progress          {'cur_nimg': int, 'cur_tick': int, ...}: where the run stands
     training_options  the run's configuration (what training_options.json holds)
     extra             anything else the loop needs to resume exactly (RNG states, data order), plain data
+    phema             optional (absent = none): the post-hoc EMA tracks, training/phema.PowerEMA.state_dict()
+
+A network file (`save_network_file`: post-hoc EMA snapshots and reconstructions) is a smaller dict:
+
+    format            'pfgmpp-network'
+    version           1
+    network_config    as above
+    ema               the network's state_dict
+    info              plain data describing the weights (e.g. σ_rel, γ, nimg, the run's id)
 
 Nothing in it is a pickled class, so it opens on any PyTorch version and is safe to open.
 """
@@ -29,10 +38,14 @@ from training.legacy import load_legacy_network
 from training.networks import build_network
 
 __all__ = ['CheckpointError', 'FORMAT', 'VERSION', 'state_file_name', 'checkpoint_kimg', 'find_checkpoints',
-           'save_training_state', 'load_training_state', 'network_from_state', 'load_network']
+           'save_training_state', 'load_training_state', 'network_from_state', 'load_network',
+           'NETWORK_FORMAT', 'save_network_file', 'load_network_file']
 
 FORMAT = 'pfgmpp-training-state'
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+NETWORK_FORMAT = 'pfgmpp-network'
+NETWORK_VERSION = 1
 STATE_NAME_RE = re.compile(r'training-state-(\d+)\.pt')
 
 
@@ -67,13 +80,15 @@ def _to_cpu(obj):
 
 
 def save_training_state(path, *, network_config, net_state, ema_state, optimizer_state, progress,
-                        training_options=None, extra=None):
-    """Write a training state atomically (temporary file, then rename)."""
+                        training_options=None, extra=None, phema=None):
+    """Write a training state atomically (temporary file, then rename). phema: the post-hoc EMA tracks, if any."""
     state = dict(
         format=FORMAT, version=VERSION, network_config=dict(network_config),
         net=_to_cpu(net_state), ema=_to_cpu(ema_state), optimizer_state=_to_cpu(optimizer_state),
         progress=dict(progress), training_options=training_options or {}, extra=_to_cpu(extra or {}),
     )
+    if phema is not None:
+        state['phema'] = _to_cpu(phema)
     with atomic_write(path, 'wb') as f:
         torch.save(state, f)
 
@@ -92,9 +107,9 @@ def load_training_state(path):
 def _validated(state, path):
     if not isinstance(state, dict) or state.get('format') != FORMAT:
         raise CheckpointError(f'{path}: not a PFGM++ training state (no "format": "{FORMAT}" entry)')
-    if state.get('version') != VERSION:
+    if state.get('version') not in READABLE_VERSIONS:
         raise CheckpointError(f'{path}: training-state version {state.get("version")} is not supported '
-                              f'(this code reads version {VERSION})')
+                              f'(this code reads versions {", ".join(map(str, READABLE_VERSIONS))})')
     for key in ('network_config', 'net', 'ema', 'progress'):
         if key not in state:
             raise CheckpointError(f'{path}: training state lacks "{key}"')
@@ -124,4 +139,35 @@ def load_network(path, which='ema'):
             state = None
     if isinstance(state, dict) and state.get('format') == FORMAT:
         return network_from_state(_validated(state, path), which=which)
+    if isinstance(state, dict) and state.get('format') == NETWORK_FORMAT:
+        return network_from_state(_validated_network_file(state, path), which='ema')
     return load_legacy_network(path)
+
+
+def save_network_file(path, *, network_config, ema_state, info):
+    """Write a network file (weights to sample from, no optimizer or progress) atomically."""
+    state = dict(format=NETWORK_FORMAT, version=NETWORK_VERSION, network_config=dict(network_config),
+                 ema=_to_cpu(ema_state), info=dict(info))
+    with atomic_write(path, 'wb') as f:
+        torch.save(state, f)
+
+
+def load_network_file(path, mmap=False):
+    """Read a network file written by save_network_file (mmap: tensors read from disk only when used)."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f'{path}: not a readable network file ({error_summary(err)})') from None
+    return _validated_network_file(state, path)
+
+
+def _validated_network_file(state, path):
+    if not isinstance(state, dict) or state.get('format') != NETWORK_FORMAT:
+        raise CheckpointError(f'{path}: not a PFGM++ network file (no "format": "{NETWORK_FORMAT}" entry)')
+    if state.get('version') != NETWORK_VERSION:
+        raise CheckpointError(f'{path}: network-file version {state.get("version")} is not supported '
+                              f'(this code reads version {NETWORK_VERSION})')
+    for key in ('network_config', 'ema', 'info'):
+        if key not in state:
+            raise CheckpointError(f'{path}: network file lacks "{key}"')
+    return state

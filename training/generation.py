@@ -34,6 +34,7 @@ import tqdm
 from dnnlib.util import atomic_write, check_choice
 from torch_utils import distributed as dist
 from torch_utils import precision as precision_mod
+from training import phema
 from training import sampler as sampling
 from training.checkpoint import find_checkpoints, load_network
 from training.quantize import FILTERS, quantize_weights
@@ -110,12 +111,15 @@ def sampler_fields(solver, sampler_kwargs):
             'afs': int(settings['afs'])}
 
 
-def folder_name(kimg, seeds, axis=None, value=None, solver=None, fields=None):
-    """`ckpt_000100`, `ckpt_2_000100_alpha_0.1`, `ckpt_000100_steps_18`, `ckpt_000100_quant_8`, ...; a solver other
-    than heun adds its name after the kimg, then its settings as `_key-value` fields (`fields`, e.g. from
-    sampler_fields), then the sweep axis: `ckpt_000100_dpm2m_end-stop_grid-rho_lof-1_afs-0_steps_9`.
-    parse_folder_name reads every part back; keys are lower-case words, values contain no `_`."""
+def folder_name(kimg, seeds, axis=None, value=None, solver=None, fields=None, ema_std=None):
+    """`ckpt_000100`, `ckpt_2_000100_alpha_0.1`, `ckpt_000100_steps_18`, `ckpt_000100_quant_8`, ...; a post-hoc EMA
+    network (phema-*.pt) adds its σ_rel right after the kimg (`ckpt_000100_ema0.070`); a solver other than heun adds
+    its name, then its settings as `_key-value` fields (`fields`, e.g. from sampler_fields), then the sweep axis:
+    `ckpt_000100_dpm2m_end-stop_grid-rho_lof-1_afs-0_steps_9`. parse_folder_name reads every part back; keys are
+    lower-case words, values contain no `_`."""
     name = f'{seed_set_prefix(seeds)}{kimg:06d}'
+    if ema_std is not None:
+        name = f'{name}_ema{ema_std:.3f}'
     if solver not in (None, 'heun'):
         name = f'{name}_{solver}'
     for key, field in (fields or {}).items():
@@ -127,15 +131,15 @@ def folder_name(kimg, seeds, axis=None, value=None, solver=None, fields=None):
     return name if axis is None else f'{name}_{axis}_{value:g}'
 
 
-_FOLDER_RE = re.compile(r'ckpt_(?:(?P<seed_set>[23])_(?=\d))?(?P<kimg>\d+)'
+_FOLDER_RE = re.compile(r'ckpt_(?:(?P<seed_set>[23])_(?=\d))?(?P<kimg>\d+)(?:_ema(?P<ema_std>\d+\.\d+))?'
                         r'(?:_(?P<solver>' + '|'.join(sorted(sampling.MULTISTEP_SOLVERS, key=len, reverse=True)) +
                         r'))?(?P<fields>(?:_[a-z]+-[^_/]+)*)'
                         r'(?:_(?P<axis>alpha|steps|quant|prune)_(?P<value>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))?')
 
 
 def parse_folder_name(name):
-    """The parts of a folder_name: dict(seed_set, kimg, solver, fields, axis, value), or None when `name` is not one.
-    fields: {key: value string}. A multistep solver's folder without its `end-` field was written before the
+    """The parts of a folder_name: dict(seed_set, kimg, solver, fields, axis, value, ema_std), or None when `name` is
+    not one. fields: {key: value string}. A multistep solver's folder without its `end-` field was written before the
     solvers took their published forms (dpm2m, dpm3m and ipndm_v were other algorithms then): None."""
     match = _FOLDER_RE.fullmatch(name)
     if match is None:
@@ -148,7 +152,7 @@ def parse_folder_name(name):
     if axis is not None:
         value = float(value) if axis in ('alpha', 'prune') else int(float(value))
     return dict(seed_set=int(match['seed_set'] or 1), kimg=int(match['kimg']), solver=solver, fields=fields,
-                axis=axis, value=value)
+                axis=axis, value=value, ema_std=float(match['ema_std']) if match['ema_std'] is not None else None)
 
 
 def folder_nfe(solver, fields, num_steps):
@@ -171,19 +175,24 @@ _SNAPSHOT_RE = re.compile(r'(?:network-snapshot|training-state)-(\d+)\.(?:pkl|pt
 def network_kimg(path):
     """The kimg number in a checkpoint's file name, 0 when it has none."""
     match = _SNAPSHOT_RE.fullmatch(os.path.basename(path))
+    if match is None and phema.output_file_kimg(path) is not None:
+        return phema.output_file_kimg(path)
     return int(match.group(1)) if match else 0
 
 
 def list_run_checkpoints(run_dir, ckpt=0, end_ckpt=100000000, edm=False, use_pickle=False):
     """[(kimg, path)] of a run directory, sorted by kimg. edm: `network-snapshot-*.pkl` (all of them, the
-    reference's --edm=1); use_pickle: `training-state-*.pkl`; default: `training-state-*.pt` within [ckpt, end_ckpt]."""
+    reference's --edm=1); use_pickle: `training-state-*.pkl`; default: `training-state-*.pt` and the post-hoc EMA
+    networks `phema-{kimg}-{std}.pt` (reconstruct_ema.py) within [ckpt, end_ckpt]."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f'{run_dir}: no such directory')
     if edm or use_pickle:
         pattern = 'network-snapshot-*.pkl' if edm else 'training-state-*.pkl'
         found = sorted((network_kimg(p), p) for p in glob.glob(os.path.join(glob.escape(run_dir), pattern)))
     else:
-        found = find_checkpoints(run_dir)
+        found = find_checkpoints(run_dir) + [(phema.output_file_kimg(name), os.path.join(run_dir, name))
+                                             for name in os.listdir(run_dir) if phema.output_file_kimg(name) is not None]
+        found.sort(key=lambda item: (item[0], phema.output_file_std(item[1]) or 0))  # the training state first
     if not edm:
         found = [(kimg, path) for kimg, path in found if ckpt <= kimg <= end_ckpt]
     return found
@@ -353,17 +362,18 @@ def load_checked_network(path, opts, sampler_kwargs, axis, values):
     return net
 
 
-def output_folder(opts, kimg, axis, value):
+def output_folder(opts, kimg, axis, value, ema_std=None):
     """(folder, name, subdirs, only_missing): generate.py --network writes straight into --outdir, as EDM's does;
     everything else into ckpt_* folders, completing partial ones."""
     if opts['network_pkl'] is not None and axis is None:
         return opts['outdir'], None, opts['subdirs'], False
-    name = folder_name(kimg, opts['seeds'], axis, value, opts.get('solver'), sampler_fields(opts.get('solver'), opts))
+    name = folder_name(kimg, opts['seeds'], axis, value, opts.get('solver'),
+                       sampler_fields(opts.get('solver'), opts), ema_std=ema_std)
     return os.path.join(opts['outdir'], name), name, True, True
 
 
-def sweep_network(net, kimg, opts, sampler_kwargs, axis, values, quant_filter, device):
-    """Write one network's folders, one per sweep value."""
+def sweep_network(net, kimg, opts, sampler_kwargs, axis, values, quant_filter, device, ema_std=None):
+    """Write one network's folders, one per sweep value (ema_std: a post-hoc EMA network's σ_rel, in the names)."""
     original = {name: p.detach().clone() for name, p in net.named_parameters()} if axis == 'quant' else None
     # Quantisation below rewrites the weights in place, so the compiled call keeps working on them.
     net_call = prepare_network(net, opts.get('precision'), opts.get('compile', False),
@@ -377,7 +387,7 @@ def sweep_network(net, kimg, opts, sampler_kwargs, axis, values, quant_filter, d
             net.load_state_dict(original, strict=False)
             names = quantize_weights(net, value, quant_filter)
             dist.print0(f'Quantised {len(names)} weight tensors to {value} bits ({quant_filter} filter)')
-        folder, name, subdirs, only_missing = output_folder(opts, kimg, axis, value)
+        folder, name, subdirs, only_missing = output_folder(opts, kimg, axis, value, ema_std)
         generate_folder(net_call, opts['seeds'], folder, sampler_kwargs=kwargs, noise_alpha=noise_alpha,
                         class_idx=opts['class_idx'], batch_size=opts['max_batch_size'], subdirs=subdirs,
                         only_missing=only_missing, grid=None if grid is None else grid_file(grid, name),
@@ -397,6 +407,7 @@ def run(opts, device, axis=None, values=(None,), quant_filter='layers'):
     for kimg, path in find_networks(opts):
         dist.print0(f'Loading network from "{path}"...')
         net = load_checked_network(path, opts, sampler_kwargs, axis, values)
-        sweep_network(net.to(device), kimg, opts, sampler_kwargs, axis, values, quant_filter, device)
+        sweep_network(net.to(device), kimg, opts, sampler_kwargs, axis, values, quant_filter, device,
+                      ema_std=phema.output_file_std(path))
         del net
     dist.print0('Done.')

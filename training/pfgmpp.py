@@ -17,7 +17,8 @@ import math
 
 import torch
 
-__all__ = ['check_aug_dim', 'sample_noise', 'radius_scale', 'norm_spread', 'posterior_logits', 'posterior_mean']
+__all__ = ['check_aug_dim', 'sample_noise', 'radius_scale', 'norm_spread', 'kernel_log_density', 'posterior_logits',
+           'posterior_mean']
 
 # Bound on the float64 elements of one reference chunk in posterior_mean (≈128 MiB).
 _CHUNK_ELEMENTS = 1 << 24
@@ -87,6 +88,28 @@ def norm_spread(N, D):
     if D is None:
         return math.sqrt(2 / N)
     return math.sqrt(2 * (N + D - 2) / (N * (D - 4))) if D > 4 else math.inf
+
+
+def kernel_log_density(offset, sigma, D):
+    """Normalised log-density (nats) of the kernel p_r(x | y) at offset = x − y, per row, in float64. Shape [B].
+
+    offset: [B, ...] with N = prod(shape[1:]); sigma: a float or a tensor with 1 or B elements. At σ_max with y = 0
+    this is the prior of the likelihood computation (the data's spread ≪ σ_max, docs/likelihood.md). PFGM++: the
+    multivariate Student-t with D degrees of freedom and scale σ, r = σ√D,
+        log p = lnΓ((N+D)/2) − lnΓ(D/2) − (N/2)·ln π + D·ln r − ((N+D)/2)·ln(‖offset‖² + r²);
+    D=None: the Gaussian N(0, σ²I), log p = −‖offset‖²/(2σ²) − (N/2)·ln(2πσ²).
+    """
+    D = check_aug_dim(D)
+    offset = offset.to(torch.float64).flatten(1)
+    N = offset.shape[1]
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=offset.device).reshape(-1)
+    sq_norm = offset.square().sum(1)
+    if D is None:
+        return -sq_norm / (2 * sigma.square()) - N / 2 * torch.log(2 * math.pi * sigma.square())
+    log_r = torch.log(sigma) + 0.5 * math.log(D)
+    const = math.lgamma((N + D) / 2) - math.lgamma(D / 2) - N / 2 * math.log(math.pi)
+    # ln(‖offset‖² + r²) = 2·ln r + log1p(‖offset‖²/r²): no overflow of r² for huge D.
+    return const + D * log_r - (N + D) / 2 * (2 * log_r + torch.log1p(sq_norm / torch.exp(2 * log_r)))
 
 
 def _squared_distances(noisy, references):

@@ -15,6 +15,8 @@ Semantics kept from the reference (documented because they are visible in result
 
 Resume is exact: a training state holds the network, EMA, Adam, cur_nimg, the tick counters, the position in the
 data stream and every process's RNG states (torch CPU/CUDA, numpy); see training/checkpoint.py.
+Post-hoc EMA tracks (phema_stds; training/phema.py) are updated after every step, written as snapshots by rank 0
+and travel in the training state.
 """
 
 import contextlib
@@ -30,7 +32,7 @@ import torch
 import dnnlib
 from torch_utils import distributed, misc, training_stats
 from torch_utils import precision as precision_mod
-from training import augment, checkpoint, dataset, loss, networks
+from training import augment, checkpoint, dataset, loss, networks, phema
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,9 +260,10 @@ def training_loop(
     augment_kwargs=None, seed=0, batch_size=512, batch_gpu=None, total_kimg=200000, ema_halflife_kimg=500,
     ema_rampup_ratio=0.05, lr_rampup_kimg=10000, loss_scaling=1, kimg_per_tick=50, snapshot_ticks=50,
     state_dump_ticks=500, resume_pkl=None, resume_state_dump=None, cudnn_benchmark=True, stf=False, rbatch=4096,
-    D=None, pfgmpp=None, opts=None, precision=None, compile=False, channels_last=False, device=None,
+    D=None, pfgmpp=None, opts=None, precision=None, compile=False, channels_last=False, phema_stds=None,
+    phema_snap_kimg=2500, device=None,
 ):
-    """Train; returns EasyDict(net, ema, cur_nimg). Options are the training_options.json entries (see train.py).
+    """Train; returns EasyDict(net, ema, cur_nimg, phema). Options are the training_options.json entries (see train.py).
 
     precision: one of torch_utils.precision.PRECISIONS; None takes network_kwargs' use_fp16 (fp16, else fp32).
     'fp16' sets the network's use_fp16. compile: False, True (torch.compile, inductor) or a dict of
@@ -269,6 +272,8 @@ def training_loop(
     resume_pkl: a network file to initialise from (--transfer). resume_state_dump: a training state to continue.
     snapshot_ticks is accepted for compatibility: only training states are written (every state_dump_ticks).
     pfgmpp and opts are recorded for the reader and not used (D decides: None = EDM).
+    phema_stds: σ_rel of the power-function EMA tracks to keep (None: none; see training/phema.py), written as
+    phema-track-*.pt every phema_snap_kimg and at the end; they must run from the start of the run.
     """
     options = dnnlib.EasyDict({key: value for key, value in locals().items() if key != 'device'})
     start_time = time.time()
@@ -280,7 +285,7 @@ def training_loop(
         distributed.print0(f'Network and EMA weights are identical on all {run.world_size} processes.')
     distributed.print0()
     distributed.print0('Exiting...')
-    return dnnlib.EasyDict(net=run.net, ema=run.ema, cur_nimg=cur_nimg)
+    return dnnlib.EasyDict(net=run.net, ema=run.ema, cur_nimg=cur_nimg, phema=run.phema)
 
 
 def _set_up(options, device):
@@ -323,6 +328,7 @@ def _set_up(options, device):
         run.net, o.optimizer_kwargs, run.device, precision=o.precision, compile=o.compile,
         channels_last=o.channels_last, world_size=run.world_size)
     run.ema = _restore(state, o.resume_state_dump, o.resume_pkl, run)
+    run.phema = _restore_phema(state, o.resume_state_dump, o.phema_stds, o.phema_snap_kimg, run.net)
     _seed_random_streams(state, o.seed, run)
     return run
 
@@ -369,6 +375,26 @@ def _restore(state, state_path, transfer_path, run):
     return ema
 
 
+def _restore_phema(state, state_path, stds, snap_kimg, net):
+    """The post-hoc EMA tracks: new (fresh run), the state's (resume), or None. A track needs the iterates from
+    the run's start, so tracks cannot be switched on, off or changed at a resume."""
+    saved = state.get('phema') if state is not None else None
+    saved_stds = [float(std) for std in saved['stds']] if saved is not None else None
+    wanted = [float(std) for std in stds] if stds else None
+    if state is not None and saved_stds != wanted:
+        raise ValueError(f'{state_path} has post-hoc EMA tracks {saved_stds or "none"}, this run asks for '
+                         f'{wanted or "none"}: tracks must run from the start of the run, so resume with the same '
+                         f'σ_rel list (or start a new run)')
+    if wanted is None:
+        return None
+    if not round(snap_kimg * 1000) >= 1:
+        raise ValueError(f'phema_snap_kimg must be at least 0.001 (one image), got {snap_kimg}')
+    tracks = phema.PowerEMA(net, wanted)
+    if saved is not None:
+        tracks.load_state_dict(saved)
+    return tracks
+
+
 def _seed_random_streams(state, seed, run):
     """The per-process random stream (noise, σ, augmentation, dropout): restored exactly from the state when it
     was written by as many processes, else seeded from (seed, rank, cur_nimg)."""
@@ -413,11 +439,25 @@ def _train(run, options, start_time):
             progress.cur_nimg += o.batch_size
             progress.data_position += run.loader_batch * run.num_rounds * run.world_size
             done = progress.cur_nimg >= total_nimg
+            if run.phema is not None:
+                _phema_step(run, o, progress.cur_nimg, done)
             if not done and progress.cur_tick != 0 and \
                     progress.cur_nimg < progress.tick_start_nimg + o.kimg_per_tick * 1000:
                 continue
             _end_tick(run, o, progress, timing, done, stats)
     return progress.cur_nimg
+
+
+def _phema_step(run, options, cur_nimg, done):
+    """Update the post-hoc EMA tracks after a step; write their snapshots (rank 0) when one is due."""
+    run.phema.update(run.net, cur_nimg, options.batch_size)
+    if done or phema.snapshot_due(cur_nimg - options.batch_size, cur_nimg, options.phema_snap_kimg):
+        if run.rank == 0:
+            for index, std in enumerate(run.phema.stds):
+                checkpoint.save_network_file(
+                    os.path.join(options.run_dir, phema.track_file_name(cur_nimg // 1000, std)),
+                    network_config=run.net.config, ema_state=run.phema.network_state(index, run.net),
+                    info=run.phema.info(index, cur_nimg, options.batch_size))
 
 
 def _end_tick(run, options, progress, timing, done, stats):
@@ -429,7 +469,8 @@ def _end_tick(run, options, progress, timing, done, stats):
         save_state(options.run_dir, run.net, run.ema, run.optimizer, run.device, options,
                    progress=dict(cur_nimg=progress.cur_nimg, cur_tick=progress.cur_tick + 1,
                                  tick_start_nimg=progress.cur_nimg, data_position=progress.data_position,
-                                 seed=int(options.seed), world_size=run.world_size, batch_size=options.batch_size))
+                                 seed=int(options.seed), world_size=run.world_size, batch_size=options.batch_size),
+                   phema_state=run.phema.state_dict() if run.phema is not None else None)
     training_stats.default_collector.update()
     if stats is not None:
         stats.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
@@ -464,8 +505,9 @@ def _report_tick(progress, timing, device):
     distributed.print0(' '.join(fields))
 
 
-def save_state(run_dir, net, ema, optimizer, device, training_options, progress):
-    """Write training-state-{kimg:06d}.pt on rank 0 (collective: every rank contributes its RNG state)."""
+def save_state(run_dir, net, ema, optimizer, device, training_options, progress, phema_state=None):
+    """Write training-state-{kimg:06d}.pt on rank 0 (collective: every rank contributes its RNG state).
+    phema_state: the post-hoc EMA tracks' state_dict, if any."""
     rng_state = misc.get_rng_state(device)
     if distributed.get_world_size() > 1:
         misc.check_ddp_consistency(net)
@@ -478,7 +520,8 @@ def save_state(run_dir, net, ema, optimizer, device, training_options, progress)
         checkpoint.save_training_state(
             path, network_config=net.config, net_state=net.state_dict(), ema_state=ema.state_dict(),
             optimizer_state=optimizer.state_dict(), progress=progress,
-            training_options=dnnlib.util.plain_data(training_options), extra=dict(rng_states=rng_states))
+            training_options=dnnlib.util.plain_data(training_options), extra=dict(rng_states=rng_states),
+            phema=phema_state)
     distributed.barrier()
 
 
