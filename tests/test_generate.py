@@ -353,8 +353,10 @@ def test_folder_names_read_back_every_setting():
                 assert generation.parse_folder_name(name) == dict(
                     seed_set=seed_set, kimg=60, solver=solver, fields={k: str(v) for k, v in fields.items()},
                     axis=axis, value=value, ema_std=None), name
-    more = generation.folder_name(60, [0], 'steps', 5, 'dpm2m', {'end': 'stop', 'guidance': 1.5, 'ema': 'p-0.1'})
-    assert generation.parse_folder_name(more)['fields'] == {'end': 'stop', 'guidance': '1.5', 'ema': 'p-0.1'}
+    more = generation.folder_name(60, [0], 'steps', 5, 'dpm2m', {'end': 'stop', 'guidance': 1.5, 'x': 'p-0.1'},
+                                  ema_std=0.07)
+    parsed = generation.parse_folder_name(more)
+    assert parsed['fields'] == {'end': 'stop', 'guidance': '1.5', 'x': 'p-0.1'} and parsed['ema_std'] == 0.07
     for old in ['ckpt_000060_dpm2m_steps_5', 'ckpt_000060_dpm3m', 'ckpt_2_000060_ipndm_v_alpha_0.1']:
         assert generation.parse_folder_name(old) is None, old
     assert generation.parse_folder_name('ckpt_000060_steps_5')['solver'] == 'heun'
