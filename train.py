@@ -111,6 +111,17 @@ def resolve_precision(opts, ctx, device):
     opts.fp16 = opts.precision == 'fp16'
 
 
+def check_aug_dim_without_pfgmpp(opts, ctx):
+    """--aug_dim does nothing without --pfgmpp=1: refuse it when --pfgmpp was left out (the user surely meant
+    PFGM++), note it when --pfgmpp=0 was given (the reference accepted and ignored it)."""
+    if opts.pfgmpp or ctx.get_parameter_source('aug_dim') == click.core.ParameterSource.DEFAULT:
+        return
+    if ctx.get_parameter_source('pfgmpp') == click.core.ParameterSource.DEFAULT:
+        raise click.ClickException(f'--aug_dim={opts.aug_dim:g} has no effect without --pfgmpp=1: add --pfgmpp=1 '
+                                   f'to train PFGM++ with D={opts.aug_dim:g}, or drop --aug_dim to train EDM')
+    distributed.print0(f'Note: --pfgmpp=0 trains EDM (D→∞); --aug_dim={opts.aug_dim:g} is ignored.')
+
+
 def validate_dataset(c, opts):
     """Open the dataset once (all ranks) and record its resolution and size, as the reference does."""
     try:
@@ -399,6 +410,7 @@ def main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
     device = distributed.init()
     resolve_precision(opts, click.get_current_context(), device)
+    check_aug_dim_without_pfgmpp(opts, click.get_current_context())
     world_size = distributed.get_world_size()
     c = build_options(opts)
     data = validate_dataset(c, opts)

@@ -4,8 +4,9 @@ import contextlib
 import glob
 import os
 import re
+import secrets
+import stat
 import sys
-import tempfile
 
 
 class EasyDict(dict):
@@ -82,19 +83,42 @@ def format_time(seconds):
     return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
 
 
+def create_temporary(directory, prefix, suffix, folder=False):
+    """Create a new, uniquely named file (returns path, writable fd) or folder (returns path, None) in `directory`.
+
+    Unlike tempfile.mkstemp/mkdtemp (always 0600/0700), the permissions are those a plain open()/mkdir() gives:
+    0666/0777 less the umask (and any default ACL), applied by the kernel, so no process-wide os.umask() call and
+    no race with other threads. Files renamed into place keep these permissions, so colleagues who may read what
+    you write can read checkpoints, datasets and samples too.
+    """
+    for _ in range(100):
+        path = os.path.join(directory, prefix + secrets.token_hex(6) + suffix)
+        try:
+            if folder:
+                os.mkdir(path, 0o777)
+                return path, None
+            return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f'Cannot create a temporary name {prefix}*{suffix} in {directory}')
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode='wb'):
     """Open a temporary file beside `path`; rename it over `path` only if the block finishes without error.
 
+    The new file has the permissions of a plain open(): an existing `path`'s own, else 0666 less the umask.
     A writer killed outright (SIGKILL, SIGTERM, power loss) leaves `path` as it was plus a hidden temporary
     `.NAME.*.tmp`; the next successful write of the same path removes such leftovers (one writer per path).
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     prefix = '.' + os.path.basename(path) + '.'
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix='.tmp')
+    tmp, fd = create_temporary(directory, prefix, '.tmp')
     try:
         with os.fdopen(fd, mode) as f:
+            with contextlib.suppress(FileNotFoundError):  # overwriting keeps the file's mode, as open(path, 'w') does
+                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -16,8 +16,9 @@ FULL_PRECISION_BITS = 32   # where the unquantized baseline sits on the bits axi
 BASELINE_STEPS = 18        # the sweeps' default sampler: Heun, 18 steps (35 NFE), full precision, α = 0
 PAPER_N = 3072             # CIFAR-10, where the paper's D = 64, 128, 2048 live
 D_CHOICE = (
-    'The paper compares D = 64, 128, 2048 and EDM at N = 3072. Two rules carry a D to a smaller N (paper-facts '
-    '§1.3): keep D/N, or keep the spread of the noisy samples\' norms (relative standard deviation of ‖x − y‖², '
+    'The paper compares D = 64, 128, 2048 and EDM at N = 3072. Two rules of thumb (ours, not the paper\'s) '
+    'carry a D to a smaller N: keep D/N, or keep the spread of the noisy samples\' norms (relative standard '
+    'deviation of ‖x − y‖², '
     '√(2(N + D − 2)/(N(D − 4))), `training.pfgmpp.norm_spread`). At N = 256 they disagree: the same D/N gives '
     'D ≈ 5, 11, 171; the same spread gives D ≈ 81 and 226 for the paper\'s 64 and 128, and no D at all for 2048, '
     'because at N = 256 even Gaussian noise spreads more (0.088) than the paper\'s D = 2048 does (0.040). The '
@@ -199,7 +200,8 @@ def d_with_spread(N, spread):
 
 
 def d_choice_table(recipe):
-    """How each D maps onto the paper's CIFAR-10 models by the two transfer rules of paper-facts §1.3."""
+    """How each D maps onto the paper's CIFAR-10 models by the two transfer rules (keep D/N, or keep the
+    spread of ‖x − y‖²)."""
     N = recipe.resolution ** 2
     lines = [f'| model | D/N | spread of ‖x − y‖² at N = {N} | paper\'s D with the same D/N | '
              f'paper\'s D with the same spread |', '|---|---:|---:|---:|---:|']

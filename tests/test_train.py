@@ -71,8 +71,10 @@ def assert_same_state(path_a, path_b):
 
 def test_tiny_pfgmpp_run_writes_every_file(full_run):
     run_dir, _outdir, log = full_run
-    assert sorted(os.listdir(run_dir)) == ['log.txt', 'stats.jsonl', 'training-state-000001.pt',
-                                           'training-state-000002.pt', 'training_options.json']
+    files = sorted(os.listdir(run_dir))
+    events = [name for name in files if name.startswith('events.out.tfevents.')]  # tensorboard: test requirement
+    assert len(events) == 1 and [name for name in files if name not in events] == [
+        'log.txt', 'stats.jsonl', 'training-state-000001.pt', 'training-state-000002.pt', 'training_options.json']
     options = json.load(open(os.path.join(run_dir, 'training_options.json')))
     assert list(options)[:6] == ['dataset_kwargs', 'data_loader_kwargs', 'network_kwargs', 'loss_kwargs',
                                  'optimizer_kwargs', 'augment_kwargs']

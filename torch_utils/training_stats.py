@@ -7,6 +7,8 @@ exposes num/mean/std of everything reported since the previous update. Every pro
 names in the same order; `report0` lets rank 0 report alone while the others only register the name.
 """
 
+import json
+import os
 import re
 
 import numpy as np
@@ -106,3 +108,39 @@ class Collector:
 
 
 default_collector = Collector()
+
+
+class StatsFiles:
+    """Where rank 0 writes each tick's statistics: `stats.jsonl` (one JSON line per tick, the reference's format)
+    and, when the optional `tensorboard` package is installed, TensorBoard event files in the same folder
+    (`tensorboard --logdir training-runs`): one scalar per statistic (its mean), the step being the images seen."""
+
+    def __init__(self, run_dir):
+        self.jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
+        self.events = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        except ImportError:
+            print('TensorBoard is not installed: statistics go to stats.jsonl only (pip install tensorboard).')
+        else:
+            self.events = SummaryWriter(run_dir)
+
+    def write(self, stats, nimg, timestamp):
+        """stats: {name: {'num', 'mean', 'std'}} (Collector.as_dict()); nimg: images seen so far."""
+        self.jsonl.write(json.dumps(dict(stats, timestamp=timestamp)) + '\n')
+        self.jsonl.flush()
+        if self.events is not None:
+            for name, value in stats.items():
+                self.events.add_scalar(name, value['mean'], global_step=int(nimg), walltime=timestamp)
+            self.events.flush()
+
+    def close(self):
+        self.jsonl.close()
+        if self.events is not None:
+            self.events.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

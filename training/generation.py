@@ -74,6 +74,9 @@ def to_uint8(images):
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+GRID_GAP, GRID_GREY = 2, 80  # the lines between the tiles of an enlarged grid
+
+
 def save_png(array, path):
     """Write one HWC uint8 image atomically ('L' for one channel, else 'RGB')."""
     image = PIL.Image.fromarray(array[:, :, 0], 'L') if array.shape[2] == 1 else PIL.Image.fromarray(array, 'RGB')
@@ -81,16 +84,21 @@ def save_png(array, path):
         image.save(f, format='png')
 
 
-def save_grid(arrays, path):
-    """Tile HWC uint8 images into a square-ish grid (ceil(√n) columns) and write it atomically."""
+def save_grid(arrays, path, scale=1):
+    """Tile HWC uint8 images into a square-ish grid (ceil(√n) columns) and write it atomically. scale > 1 enlarges
+    it for viewing: each pixel becomes a scale×scale block (small images stay sharp) and the tiles are set apart
+    by grey lines of GRID_GAP pixels."""
     arrays = np.asarray(arrays)
     count, height, width, channels = arrays.shape
     cols = math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)
-    grid = np.zeros([rows * height, cols * width, channels], dtype=np.uint8)
+    gap = GRID_GAP if scale > 1 else 0
+    tile_h, tile_w = height * scale + gap, width * scale + gap  # a tile and the line after it
+    grid = np.full([rows * tile_h + gap, cols * tile_w + gap, channels], GRID_GREY if gap else 0, dtype=np.uint8)
     for i, image in enumerate(arrays):
         r, c = divmod(i, cols)
-        grid[r * height:(r + 1) * height, c * width:(c + 1) * width] = image
+        y, x = gap + r * tile_h, gap + c * tile_w
+        grid[y:y + height * scale, x:x + width * scale] = image.repeat(scale, axis=0).repeat(scale, axis=1)
     save_png(grid, path)
 
 
@@ -289,15 +297,17 @@ def _broadcast_from_rank0(value):
 
 
 def generate_folder(net, seeds, folder, *, sampler_kwargs, noise_alpha=0, class_idx=None, batch_size=64,
-                    subdirs=False, only_missing=True, grid=None, grid_only=False, device=None, desc=None):
+                    subdirs=False, only_missing=True, grid=None, grid_scale=1, grid_only=False, device=None,
+                    desc=None):
     """Write `{seed:06d}.png` for the seeds into `folder` (all ranks call this). only_missing: leave complete,
     valid images alone (what makes a crashed run resumable). grid: also write a grid of the first `batch_size`
-    seeds to that path; grid_only: write only the grid. Returns the number of images written by all ranks."""
+    seeds to that path, enlarged grid_scale times; grid_only: write only the grid. Returns the number of images written by all ranks."""
     rank, world = dist.get_rank(), dist.get_world_size()
     grid_seeds = seeds[:batch_size]
     if grid_only:
         if rank == 0:
-            save_grid(to_uint8(generate_batch(net, grid_seeds, sampler_kwargs, noise_alpha, class_idx, device)), grid)
+            save_grid(to_uint8(generate_batch(net, grid_seeds, sampler_kwargs, noise_alpha, class_idx, device)), grid,
+                      grid_scale)
         dist.barrier()
         return 0
     todo = seeds
@@ -317,7 +327,7 @@ def generate_folder(net, seeds, folder, *, sampler_kwargs, noise_alpha=0, class_
     dist.barrier()
     if grid is not None and rank == 0:
         save_grid([np.asarray(PIL.Image.open(image_path(folder, s, subdirs))).reshape(
-            net.img_resolution, net.img_resolution, net.img_channels) for s in grid_seeds], grid)
+            net.img_resolution, net.img_resolution, net.img_channels) for s in grid_seeds], grid, grid_scale)
     return len(todo)
 
 
@@ -332,6 +342,9 @@ SWEEP_AXES = (None, 'alpha', 'steps', 'quant')
 def find_networks(opts):
     """[(kimg, path)]: the one --network file, or the run directory's checkpoints within --ckpt..--end_ckpt."""
     if opts['network_pkl'] is not None:
+        if os.path.isdir(opts['network_pkl']):
+            raise ValueError(f'--network={opts["network_pkl"]} is a folder, not a network file; to sample every '
+                             f'checkpoint of a run directory, give it as --outdir without --network')
         return [(network_kimg(opts['network_pkl']), opts['network_pkl'])]
     try:
         networks = list_run_checkpoints(opts['outdir'], opts['ckpt'], opts['end_ckpt'], opts['edm'],
@@ -391,6 +404,7 @@ def sweep_network(net, kimg, opts, sampler_kwargs, axis, values, quant_filter, d
         generate_folder(net_call, opts['seeds'], folder, sampler_kwargs=kwargs, noise_alpha=noise_alpha,
                         class_idx=opts['class_idx'], batch_size=opts['max_batch_size'], subdirs=subdirs,
                         only_missing=only_missing, grid=None if grid is None else grid_file(grid, name),
+                        grid_scale=opts.get('grid_scale', 1),
                         grid_only=opts['save_images'], device=device, desc=name or 'images')
 
 

@@ -21,7 +21,6 @@ and travel in the training state.
 
 import contextlib
 import copy
-import json
 import os
 import time
 
@@ -428,7 +427,7 @@ def _train(run, options, start_time):
         images, labels = _next_batch(data_iter, run.device)
         return images[:run.batch_gpu], labels[:run.batch_gpu], (images if o.stf else None)
 
-    with open(os.path.join(o.run_dir, 'stats.jsonl'), 'at') if run.rank == 0 else contextlib.nullcontext() as stats:
+    with training_stats.StatsFiles(o.run_dir) if run.rank == 0 else contextlib.nullcontext() as stats:
         while not done:
             lr = o.optimizer_kwargs['lr'] * min(progress.cur_nimg / max(o.lr_rampup_kimg * 1000, 1e-8), 1)
             training_step(run.ddp, run.forward, run.net, run.optimizer, run.loss_fn, run.augment_pipe,
@@ -461,7 +460,7 @@ def _phema_step(run, options, cur_nimg, done):
 
 
 def _end_tick(run, options, progress, timing, done, stats):
-    """Status line, training state (when due), one stats.jsonl line; then start the next tick."""
+    """Status line, training state (when due), the tick's statistics (stats.jsonl, TensorBoard); then the next tick."""
     timing.tick_end = time.time()
     _report_tick(progress, timing, run.device)
     if options.state_dump_ticks is not None and progress.cur_tick != 0 and \
@@ -473,8 +472,7 @@ def _end_tick(run, options, progress, timing, done, stats):
                    phema_state=run.phema.state_dict() if run.phema is not None else None)
     training_stats.default_collector.update()
     if stats is not None:
-        stats.write(json.dumps(dict(training_stats.default_collector.as_dict(), timestamp=time.time())) + '\n')
-        stats.flush()
+        stats.write(training_stats.default_collector.as_dict(), nimg=progress.cur_nimg, timestamp=time.time())
     progress.cur_tick += 1
     progress.tick_start_nimg = progress.cur_nimg
     timing.tick_start = time.time()
