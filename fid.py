@@ -31,13 +31,13 @@ _AXIS_LABELS = {'alpha': 'alpha', 'steps': 'NFE (network evaluations per image)'
 
 class ImageFolder:
     """One ckpt_* folder of a run: which seed set (1, 2, 3), checkpoint kimg, solver and its settings (`fields`),
-    sweep axis and value (or None); `nfe` is the network evaluations per image of a steps folder (None for the
-    others); `setting` names solver and fields, e.g. `dpm2m end-stop grid-rho lof-1 afs-0`; `ema_std` the σ_rel of
-    a post-hoc EMA network (None: the training state's EMA)."""
+    guidance tag, sweep axis and value (or None); `nfe` is the network evaluations per image of a steps folder (None
+    for the others); `setting` names solver and fields, e.g. `dpm2m end-stop grid-rho lof-1 afs-0`; `ema_std` the
+    σ_rel of a post-hoc EMA network (None: the training state's EMA)."""
 
-    def __init__(self, path, seed_set, kimg, axis, value, solver='heun', fields=None, ema_std=None):
+    def __init__(self, path, seed_set, kimg, axis, value, solver='heun', fields=None, ema_std=None, guidance=''):
         self.path, self.seed_set, self.kimg, self.axis, self.value = path, seed_set, kimg, axis, value
-        self.solver, self.fields, self.ema_std = solver, dict(fields or {}), ema_std
+        self.solver, self.fields, self.ema_std, self.guidance = solver, dict(fields or {}), ema_std, guidance
         self.setting = ' '.join([solver] + [f'{key}-{field}' for key, field in self.fields.items()])
         self.nfe = folder_nfe(solver, self.fields, value) if axis == 'steps' else None
         self.name = os.path.basename(path)
@@ -45,7 +45,7 @@ class ImageFolder:
 
     def group_key(self):
         """Folders that differ only by seed set."""
-        return self.kimg, self.setting, self.axis, self.value, self.ema_std
+        return self.kimg, self.setting, self.guidance, self.axis, self.value, self.ema_std
 
 
 def parse_folder_name(name):
@@ -61,7 +61,8 @@ def find_image_folders(run_dir):
         fields = parse_folder_name(name)
         if fields is not None and os.path.isdir(os.path.join(run_dir, name)):
             folders.append(ImageFolder(os.path.join(run_dir, name), **fields))
-    return sorted(folders, key=lambda f: (f.axis or '', f.setting, f.kimg, f.ema_std or 0, f.value or 0, f.seed_set))
+    return sorted(folders, key=lambda f: (f.axis or '', f.setting, f.guidance, f.kimg, f.ema_std or 0, f.value or 0,
+                                          f.seed_set))
 
 
 def select_folders(folders, ckpt=0, end_ckpt=1000000, gen_seed=None, axes=()):
@@ -86,14 +87,17 @@ def write_table(folders, path):
     rows = []
     for f in folders:
         best = minima.get(f.group_key())
-        rows.append(dict(folder=f.name, seed_set=f.seed_set, kimg=f.kimg, solver=f.setting, axis=f.axis or '',
+        rows.append(dict(folder=f.name, seed_set=f.seed_set, kimg=f.kimg, solver=f.setting, guidance=f.guidance,
+                         axis=f.axis or '',
                          value='' if f.value is None else f.value, nfe='' if f.nfe is None else f.nfe, fid=f.fid,
                          min_fid_over_seed_sets='' if best is None else best[0],
                          seed_sets='' if best is None else ' '.join(map(str, best[1])),
                          ema_std='' if f.ema_std is None else f.ema_std))
     if path.lower().endswith('.json'):
-        summary = [dict(kimg=k, solver=solver, axis=a, value=v, min_fid=fid, seed_sets=sets, ema_std=ema_std)
-                   for (k, solver, a, v, ema_std), (fid, sets) in sorted(minima.items(), key=lambda item: str(item[0]))]
+        summary = [dict(kimg=k, solver=solver, guidance=g, axis=a, value=v, min_fid=fid, seed_sets=sets,
+                        ema_std=ema_std)
+                   for (k, solver, g, a, v, ema_std), (fid, sets) in sorted(minima.items(),
+                                                                            key=lambda item: str(item[0]))]
         text = json.dumps(dict(folders=rows, min_over_seed_sets=summary), indent=2)
     else:
         buffer = io.StringIO()
@@ -111,11 +115,11 @@ def plot_lines(folders, axis):
     lines = {}
     for f in folders:
         if f.axis == axis:
-            lines.setdefault((f.setting, f.kimg, f.seed_set, f.ema_std or 0), []).append(
+            lines.setdefault((f.setting, f.guidance, f.kimg, f.seed_set, f.ema_std or 0), []).append(
                 (f.nfe if axis == 'steps' else f.value, f.fid))
-    return {f'{solver}, kimg {kimg}' + (f', EMA σ_rel {ema:.3f}' if ema else '') +
-            (f', seeds {seed_set}' if seed_set != 1 else ''): sorted(points)
-            for (solver, kimg, seed_set, ema), points in sorted(lines.items())}
+    return {f'{solver}' + (f' {guidance}' if guidance else '') + f', kimg {kimg}'
+            + (f', EMA σ_rel {ema:.3f}' if ema else '') + (f', seeds {seed_set}' if seed_set != 1 else ''): sorted(points)
+            for (solver, guidance, kimg, seed_set, ema), points in sorted(lines.items())}
 
 
 def write_plot(folders, path):

@@ -16,6 +16,7 @@ from dnnlib.util import error_summary, parse_int_list
 from torch_utils import distributed as dist
 from torch_utils import precision as precision_mod
 from training import generation
+from training import guidance
 from training import sampler as sampling
 
 
@@ -39,6 +40,15 @@ def float_list(ctx, param, value):
     if not values:
         raise click.BadParameter('the list is empty')
     return values
+
+
+def _parse_interval(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return guidance.parse_interval(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 def int_list(minimum, optional=False):
@@ -118,6 +128,15 @@ _COMMON_OPTIONS = [
                  help='Ablate time step discretization'),
     click.option('--schedule', type=click.Choice(['vp', 've', 'linear']), help='Ablate noise schedule sigma(t)'),
     click.option('--scaling', type=click.Choice(['vp', 'none']), help='Ablate signal scaling s(t)'),
+    click.option('--guidance', metavar='W', type=click.FloatRange(min=0), default=1, show_default=True,
+                 help='Guidance weight: D = D_guide + W*(D - D_guide) at every network evaluation; 1: unguided, '
+                      'the guide is never run. The guide is the network with the null label (classifier-free '
+                      'guidance; train with --cond-drop) or --guide-network (docs/guidance.md)'),
+    click.option('--guide-network', 'guide_network', metavar='PATH', default=None,
+                 help='Autoguidance: guide with this network (e.g. an earlier checkpoint of the same run; same '
+                      'resolution, channels, classes and D)'),
+    click.option('--guidance-interval', 'guidance_interval', metavar='LO,HI', default=None, callback=_parse_interval,
+                 help='Guide only at noise levels LO <= sigma <= HI (e.g. 0.3,5)  [default: every level]'),
     click.option('--precision', type=click.Choice(precision_mod.PRECISIONS), default=None,
                  help=f'Arithmetic of the network call: fp32 (TF32 off, the reference), tf32, bf16 (autocast), '
                       f'fp16 or bf16-native (bfloat16 activations, no autocast); the ODE state stays float64  '

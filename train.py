@@ -81,6 +81,8 @@ def build_options(opts):
         c.augment_kwargs = dnnlib.EasyDict(augment_preset(opts.augment))
         c.network_kwargs.augment_dim = 9
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
+    if opts.cond_drop:  # recorded in the network's config (label_dropout), where guidance looks for it
+        c.network_kwargs.label_dropout = opts.cond_drop
     if opts.cbase is not None:
         c.network_kwargs.model_channels = opts.cbase
     if opts.cres is not None:
@@ -233,6 +235,8 @@ def check_combinations(opts, world_size):
     if opts.stf and opts.rbatch < batch_gpu:
         raise click.ClickException(f'--rbatch={opts.rbatch} (per process) must be at least the per-process '
                                    f'micro-batch {batch_gpu}')
+    if opts.cond_drop and not opts.cond:
+        raise click.ClickException(f'--cond-drop={opts.cond_drop:g} drops class labels: it needs --cond=1')
     if opts.transfer is not None and opts.resume is not None:
         raise click.ClickException('--transfer and --resume cannot be specified at the same time')
 
@@ -355,6 +359,9 @@ def _random_seed(device):
               show_default=True)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
               default=0.13, show_default=True)
+@click.option('--cond-drop', 'cond_drop', help='Label dropout: train on the null (zero) label with this probability, '
+              'for classifier-free guidance (generate.py --guidance)', metavar='FLOAT',
+              type=click.FloatRange(min=0, max=1, max_open=True), default=0, show_default=True)
 @click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),
               default=0.12, show_default=True)
 @click.option('--phema', help='Post-hoc EMA: power-function EMA tracks of these σ_rel, reconstructed to any EMA '

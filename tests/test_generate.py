@@ -352,7 +352,7 @@ def test_folder_names_read_back_every_setting():
                 name = generation.folder_name(60, seeds, axis, value, solver, fields)
                 assert generation.parse_folder_name(name) == dict(
                     seed_set=seed_set, kimg=60, solver=solver, fields={k: str(v) for k, v in fields.items()},
-                    axis=axis, value=value, ema_std=None), name
+                    guidance='', axis=axis, value=value, ema_std=None), name
     more = generation.folder_name(60, [0], 'steps', 5, 'dpm2m', {'end': 'stop', 'guidance': 1.5, 'x': 'p-0.1'},
                                   ema_std=0.07)
     parsed = generation.parse_folder_name(more)

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import glob
+import sys
 
 import numpy as np
 import PIL.Image
@@ -34,6 +35,7 @@ import tqdm
 from dnnlib.util import atomic_write, check_choice
 from torch_utils import distributed as dist
 from torch_utils import precision as precision_mod
+from training import guidance as guidance_mod
 from training import phema
 from training import sampler as sampling
 from training.checkpoint import find_checkpoints, load_network
@@ -119,12 +121,13 @@ def sampler_fields(solver, sampler_kwargs):
             'afs': int(settings['afs'])}
 
 
-def folder_name(kimg, seeds, axis=None, value=None, solver=None, fields=None, ema_std=None):
+def folder_name(kimg, seeds, axis=None, value=None, solver=None, fields=None, ema_std=None, guidance=''):
     """`ckpt_000100`, `ckpt_2_000100_alpha_0.1`, `ckpt_000100_steps_18`, `ckpt_000100_quant_8`, ...; a post-hoc EMA
     network (phema-*.pt) adds its σ_rel right after the kimg (`ckpt_000100_ema0.070`); a solver other than heun adds
     its name, then its settings as `_key-value` fields (`fields`, e.g. from sampler_fields), then the sweep axis:
-    `ckpt_000100_dpm2m_end-stop_grid-rho_lof-1_afs-0_steps_9`. parse_folder_name reads every part back; keys are
-    lower-case words, values contain no `_`."""
+    `ckpt_000100_dpm2m_end-stop_grid-rho_lof-1_afs-0_steps_9`. Guidance adds its tag (training.guidance.folder_tag)
+    before the axis: `ckpt_000100_cfg2_gi0.3-5`, `ckpt_000100_ag1.5_steps_9`. parse_folder_name reads every part
+    back; keys are lower-case words, values contain no `_`."""
     name = f'{seed_set_prefix(seeds)}{kimg:06d}'
     if ema_std is not None:
         name = f'{name}_ema{ema_std:.3f}'
@@ -136,19 +139,23 @@ def folder_name(kimg, seeds, axis=None, value=None, solver=None, fields=None, em
             raise ValueError(f'folder-name field {key}={field!r}: keys are lower-case words, values non-empty '
                              f'without "_" or "/"')
         name = f'{name}_{key}-{field}'
+    if guidance:
+        name = f'{name}_{guidance}'
     return name if axis is None else f'{name}_{axis}_{value:g}'
 
 
+_NUMBER = r'\d+(?:\.\d*)?(?:[eE][-+]?\d+)?'
 _FOLDER_RE = re.compile(r'ckpt_(?:(?P<seed_set>[23])_(?=\d))?(?P<kimg>\d+)(?:_ema(?P<ema_std>\d+\.\d+))?'
                         r'(?:_(?P<solver>' + '|'.join(sorted(sampling.MULTISTEP_SOLVERS, key=len, reverse=True)) +
                         r'))?(?P<fields>(?:_[a-z]+-[^_/]+)*)'
-                        r'(?:_(?P<axis>alpha|steps|quant|prune)_(?P<value>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))?')
+                        rf'(?:_(?P<guidance>(?:cfg|ag){_NUMBER}(?:_gi{_NUMBER}-(?:{_NUMBER}|inf))?))?'
+                        rf'(?:_(?P<axis>alpha|steps|quant|prune)_(?P<value>{_NUMBER}))?')
 
 
 def parse_folder_name(name):
-    """The parts of a folder_name: dict(seed_set, kimg, solver, fields, axis, value, ema_std), or None when `name` is
-    not one. fields: {key: value string}. A multistep solver's folder without its `end-` field was written before the
-    solvers took their published forms (dpm2m, dpm3m and ipndm_v were other algorithms then): None."""
+    """The parts of a folder_name: dict(seed_set, kimg, solver, fields, guidance, axis, value, ema_std), or None when
+    `name` is not one. fields: {key: value string}. A multistep solver's folder without its `end-` field was written
+    before the solvers took their published forms (dpm2m, dpm3m and ipndm_v were other algorithms then): None."""
     match = _FOLDER_RE.fullmatch(name)
     if match is None:
         return None
@@ -160,7 +167,8 @@ def parse_folder_name(name):
     if axis is not None:
         value = float(value) if axis in ('alpha', 'prune') else int(float(value))
     return dict(seed_set=int(match['seed_set'] or 1), kimg=int(match['kimg']), solver=solver, fields=fields,
-                axis=axis, value=value, ema_std=float(match['ema_std']) if match['ema_std'] is not None else None)
+                guidance=match['guidance'] or '', axis=axis, value=value,
+                ema_std=float(match['ema_std']) if match['ema_std'] is not None else None)
 
 
 def folder_nfe(solver, fields, num_steps):
@@ -244,6 +252,54 @@ def aligned_sampler_kwargs(net, sampler_kwargs, align):
     return kwargs
 
 
+def check_guidance(net, opts, guide, source):
+    """The guidance options against the main network: a guide network must fit it (same resolution, channels,
+    label space, D), CFG needs a conditional network and warns when it was trained without label dropout."""
+    weight = opts.get('guidance', 1)
+    if guide is not None:
+        guidance_mod.check_guide(net, guide, f'--guide-network={opts["guide_network"]}')
+    elif weight != 1:
+        if not net.label_dim:
+            raise ValueError(f'{source} is an unconditional network: --guidance={weight:g} without '
+                             f'--guide-network would be classifier-free guidance, which needs class labels; '
+                             f'give --guide-network=PATH (autoguidance)')
+        if not guidance_mod.label_dropout_of(net):
+            dist.print0(f'Warning: {source} was trained without label dropout (train.py --cond-drop), so it never '
+                        f'saw the null label that classifier-free guidance uses as its guide; expect poor images. '
+                        f'Consider --guide-network=PATH (autoguidance).', file=sys.stderr)
+
+
+def guidance_tag(opts):
+    """Folder-name tag of the guidance options ('' when unguided)."""
+    return guidance_mod.folder_tag(opts.get('guidance', 1), opts.get('guide_network') is not None,
+                                   opts.get('guidance_interval'))
+
+
+def load_guide(opts, device):
+    """The --guide-network, prepared as the main network is (None without one)."""
+    path = opts.get('guide_network')
+    if path is None:
+        return None
+    dist.print0(f'Loading guide network from "{path}"...')
+    try:
+        guide = load_network(path).to(device)
+    except ValueError as err:  # CheckpointError included
+        raise ValueError(f'--guide-network: {err}') from None
+    return prepare_network(guide, opts.get('precision'), opts.get('compile', False),
+                           opts.get('channels_last', False), opts.get('bench', False))
+
+
+def report_guidance(net_call):
+    """One line saying how much of the sampling was guided, from the guided denoiser's own counts."""
+    if not isinstance(net_call, guidance_mod.GuidedDenoiser) or not net_call.evaluations:
+        return
+    kind = 'autoguidance' if net_call.guide is not None else 'CFG (batched with the null label)'
+    where = '' if net_call.interval is None else f' for sigma in [{net_call.interval[0]:g}, {net_call.interval[1]:g}]'
+    dist.print0(f'Guidance W={net_call.weight:g}, {kind}{where}: the guide ran at {net_call.guided_evaluations} of '
+                f'{net_call.evaluations} network evaluations ({net_call.guided_evaluations / net_call.evaluations:.0%})')
+    net_call.evaluations = net_call.guided_evaluations = 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling.
 
@@ -272,8 +328,9 @@ def prepare_network(net, precision=None, compile=False, channels_last=False, cud
 
 
 @torch.no_grad()
-def generate_batch(net, seeds, sampler_kwargs, noise_alpha=0, class_idx=None, device=None):
-    """Images (float64, NCHW, ~[-1, 1]) for `seeds`. Per seed: prior, then class index, then sampler noise."""
+def generate_batch(net, seeds, sampler_kwargs, noise_alpha=0, class_idx=None, device=None, null_label=False):
+    """Images (float64, NCHW, ~[-1, 1]) for `seeds`. Per seed: prior, then class index, then sampler noise.
+    null_label: a conditional network gets the zero label (what label dropout trains it on) instead of a class."""
     device = torch.device(device) if device is not None else next(net.parameters()).device
     rnd = sampling.SeedRandom(seeds, device)
     sigma0 = sampling.prior_sigma(net, **sampler_kwargs)
@@ -285,6 +342,8 @@ def generate_batch(net, seeds, sampler_kwargs, noise_alpha=0, class_idx=None, de
         if class_idx is not None:
             index[:] = class_idx
         class_labels = torch.eye(net.label_dim, device=device)[index]
+        if null_label:
+            class_labels = torch.zeros_like(class_labels)
     return sampling.sample(net, latents, class_labels, rnd.randn_like, noise_alpha=noise_alpha, **sampler_kwargs)
 
 
@@ -365,11 +424,12 @@ def sweep_settings(net, opts, sampler_kwargs, axis, value):
     return kwargs, (value if axis == 'alpha' else 0)
 
 
-def load_checked_network(path, opts, sampler_kwargs, axis, values):
+def load_checked_network(path, opts, sampler_kwargs, axis, values, guide=None):
     """The network of `path` (on the CPU), after checking the options and every sweep value against it."""
     net = load_network(path)
     check_prior_options(net, opts['pfgmpp'], opts['aug_dim'], path)
     check_class(net, opts['class_idx'], path)
+    check_guidance(net, opts, guide, path)
     for value in values:
         sampling.prior_sigma(net, **sweep_settings(net, opts, sampler_kwargs, axis, value)[0])
     return net
@@ -380,17 +440,19 @@ def output_folder(opts, kimg, axis, value, ema_std=None):
     everything else into ckpt_* folders, completing partial ones."""
     if opts['network_pkl'] is not None and axis is None:
         return opts['outdir'], None, opts['subdirs'], False
-    name = folder_name(kimg, opts['seeds'], axis, value, opts.get('solver'),
-                       sampler_fields(opts.get('solver'), opts), ema_std=ema_std)
+    name = folder_name(kimg, opts['seeds'], axis, value, opts.get('solver'), sampler_fields(opts.get('solver'), opts),
+                       ema_std=ema_std, guidance=guidance_tag(opts))
     return os.path.join(opts['outdir'], name), name, True, True
 
 
-def sweep_network(net, kimg, opts, sampler_kwargs, axis, values, quant_filter, device, ema_std=None):
-    """Write one network's folders, one per sweep value (ema_std: a post-hoc EMA network's σ_rel, in the names)."""
+def sweep_network(net, kimg, opts, sampler_kwargs, axis, values, quant_filter, device, ema_std=None, guide=None):
+    """Write one network's folders, one per sweep value (ema_std: a post-hoc EMA network's σ_rel, in the names;
+    guide: the autoguidance network, prepared)."""
     original = {name: p.detach().clone() for name, p in net.named_parameters()} if axis == 'quant' else None
     # Quantisation below rewrites the weights in place, so the compiled call keeps working on them.
     net_call = prepare_network(net, opts.get('precision'), opts.get('compile', False),
                                opts.get('channels_last', False), opts.get('bench', False))
+    net_call = guidance_mod.guided(net_call, opts.get('guidance', 1), guide, opts.get('guidance_interval'))
     grid = opts['grid']
     if opts['save_images'] and grid is None:
         grid = os.path.join(opts['outdir'], 'grid.png')
@@ -406,6 +468,7 @@ def sweep_network(net, kimg, opts, sampler_kwargs, axis, values, quant_filter, d
                         only_missing=only_missing, grid=None if grid is None else grid_file(grid, name),
                         grid_scale=opts.get('grid_scale', 1),
                         grid_only=opts['save_images'], device=device, desc=name or 'images')
+        report_guidance(net_call)
 
 
 def run(opts, device, axis=None, values=(None,), quant_filter='layers'):
@@ -418,10 +481,11 @@ def run(opts, device, axis=None, values=(None,), quant_filter='layers'):
         raise ValueError(f'axis must be None or one of alpha, steps, quant, got {axis!r}')
     check_choice('quant_filter', quant_filter, FILTERS)
     sampler_kwargs = {key: opts[key] for key in SAMPLER_OPTIONS if opts.get(key) is not None}
+    guide = load_guide(opts, device)
     for kimg, path in find_networks(opts):
         dist.print0(f'Loading network from "{path}"...')
-        net = load_checked_network(path, opts, sampler_kwargs, axis, values)
+        net = load_checked_network(path, opts, sampler_kwargs, axis, values, guide)
         sweep_network(net.to(device), kimg, opts, sampler_kwargs, axis, values, quant_filter, device,
-                      ema_std=phema.output_file_std(path))
+                      ema_std=phema.output_file_std(path), guide=guide)
         del net
     dist.print0('Done.')
