@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import os
-import re
 
 import click
 import numpy as np
@@ -24,53 +23,38 @@ from dnnlib.util import atomic_write, error_summary
 from torch_utils import distributed as dist
 from training import features as features_lib
 from training import fid_stats, metrics as metrics_lib
-from training.sampler import MULTISTEP_SOLVERS, nfe_for_steps
+from training.generation import folder_nfe, parse_folder_name as generation_parse_folder_name
 
 # ---------------------------------------------------------------------------------------------- run-dir mode
 
-# Folder names written by generate.py and the sweep scripts:
-# ckpt_[2_|3_]{kimg}[_ema{σ_rel}][_{solver}][_{cfg|ag}{W}[_gi{lo}-{hi}]][_{alpha|steps|quant|prune}_{value}], the
-# solver only when it is not heun, the σ_rel only for a post-hoc EMA network (reconstruct_ema.py), the guidance tag
-# (training.guidance.folder_tag) only when guided.
-# One anchored pattern, so a sweep folder is never mistaken for a plain one (reference fid.py globbed them together).
-_NUMBER = r'\d+(?:\.\d*)?(?:[eE][-+]?\d+)?'
-_FOLDER_PATTERN = re.compile(r'ckpt_(?:(?P<seed_set>[23])_(?=\d))?(?P<kimg>\d+)(?:_ema(?P<ema_std>\d+\.\d+))?'
-                             r'(?:_(?P<solver>' + '|'.join(sorted(MULTISTEP_SOLVERS, key=len, reverse=True)) + r'))?'
-                             rf'(?:_(?P<guidance>(?:cfg|ag){_NUMBER}(?:_gi{_NUMBER}-(?:{_NUMBER}|inf))?))?'
-                             rf'(?:_(?P<axis>alpha|steps|quant|prune)_(?P<value>{_NUMBER}))?')
 _AXIS_LABELS = {'alpha': 'alpha', 'steps': 'NFE (network evaluations per image)', 'quant': 'quantization bits',
                 'prune': 'pruning ratio'}
 
 
 class ImageFolder:
-    """One ckpt_* folder of a run: which seed set (1, 2, 3), checkpoint kimg, solver, sweep axis and value (or
-    None); `nfe` is the network evaluations per image of a steps folder (None for the others); `ema_std` the
+    """One ckpt_* folder of a run: which seed set (1, 2, 3), checkpoint kimg, solver and its settings (`fields`),
+    guidance tag, sweep axis and value (or None); `nfe` is the network evaluations per image of a steps folder (None
+    for the others); `setting` names solver and fields, e.g. `dpm2m end-stop grid-rho lof-1 afs-0`; `ema_std` the
     σ_rel of a post-hoc EMA network (None: the training state's EMA)."""
 
-    def __init__(self, path, seed_set, kimg, axis, value, solver='heun', ema_std=None, guidance=''):
+    def __init__(self, path, seed_set, kimg, axis, value, solver='heun', fields=None, ema_std=None, guidance=''):
         self.path, self.seed_set, self.kimg, self.axis, self.value = path, seed_set, kimg, axis, value
-        self.solver, self.ema_std, self.guidance = solver, ema_std, guidance
-        self.nfe = nfe_for_steps(solver, value) if axis == 'steps' else None
+        self.solver, self.fields, self.ema_std, self.guidance = solver, dict(fields or {}), ema_std, guidance
+        self.setting = ' '.join([solver] + [f'{key}-{field}' for key, field in self.fields.items()])
+        self.nfe = folder_nfe(solver, self.fields, value) if axis == 'steps' else None
         self.name = os.path.basename(path)
         self.fid = None
         self.metrics = {}  # every computed value by METRIC_COLUMNS name (fid included)
 
     def group_key(self):
         """Folders that differ only by seed set."""
-        return self.kimg, self.solver, self.guidance, self.axis, self.value, self.ema_std
+        return self.kimg, self.setting, self.guidance, self.axis, self.value, self.ema_std
 
 
 def parse_folder_name(name):
-    """ImageFolder fields for a generate.py folder name, or None when the name is not one."""
-    match = _FOLDER_PATTERN.fullmatch(name)
-    if match is None:
-        return None
-    axis, value = match['axis'], match['value']
-    if axis is not None:
-        value = float(value) if axis in ('alpha', 'prune') else int(float(value))
-    return dict(seed_set=int(match['seed_set'] or 1), kimg=int(match['kimg']), axis=axis, value=value,
-                solver=match['solver'] or 'heun', guidance=match['guidance'] or '',
-                ema_std=float(match['ema_std']) if match['ema_std'] is not None else None)
+    """ImageFolder fields for a generate.py folder name (training.generation.folder_name), or None when the name
+    is not one."""
+    return generation_parse_folder_name(name)
 
 
 def find_image_folders(run_dir):
@@ -80,7 +64,7 @@ def find_image_folders(run_dir):
         fields = parse_folder_name(name)
         if fields is not None and os.path.isdir(os.path.join(run_dir, name)):
             folders.append(ImageFolder(os.path.join(run_dir, name), **fields))
-    return sorted(folders, key=lambda f: (f.axis or '', f.solver, f.guidance, f.kimg, f.ema_std or 0, f.value or 0,
+    return sorted(folders, key=lambda f: (f.axis or '', f.setting, f.guidance, f.kimg, f.ema_std or 0, f.value or 0,
                                           f.seed_set))
 
 
@@ -107,7 +91,7 @@ def write_table(folders, path):
     rows = []
     for f in folders:
         best = minima.get(f.group_key())
-        rows.append(dict(folder=f.name, seed_set=f.seed_set, kimg=f.kimg, solver=f.solver, guidance=f.guidance,
+        rows.append(dict(folder=f.name, seed_set=f.seed_set, kimg=f.kimg, solver=f.setting, guidance=f.guidance,
                          axis=f.axis or '',
                          value='' if f.value is None else f.value, nfe='' if f.nfe is None else f.nfe, fid=f.fid,
                          min_fid_over_seed_sets='' if best is None else best[0],
@@ -145,7 +129,7 @@ def plot_lines(folders, axis, metric='fid'):
     for f in folders:
         if f.axis == axis:
             value = f.fid if metric == 'fid' else f.metrics[metric]
-            lines.setdefault((f.solver, f.guidance, f.kimg, f.seed_set, f.ema_std or 0), []).append(
+            lines.setdefault((f.setting, f.guidance, f.kimg, f.seed_set, f.ema_std or 0), []).append(
                 (f.nfe if axis == 'steps' else f.value, value))
     return {f'{solver}' + (f' {guidance}' if guidance else '') + f', kimg {kimg}'
             + (f', EMA σ_rel {ema:.3f}' if ema else '') + (f', seeds {seed_set}' if seed_set != 1 else ''): sorted(points)

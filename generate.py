@@ -89,7 +89,8 @@ _COMMON_OPTIONS = [
     click.option('--save_images', is_flag=True,
                  help='Reference option: write only the grids (to --grid, default <outdir>/grid.png), no image files.'),
     click.option('--steps', 'num_steps', metavar='INT', type=click.IntRange(min=2), default=18, show_default=True,
-                 help='Number of sampling steps (NFE = 2*steps - 1 for heun, = steps for the other solvers)'),
+                 help='Number of noise levels from sigma_max to sigma_min (NFE = 2*steps - 1 for heun; for the '
+                      'others steps - 1 with --ending=stop, steps with denoise, one fewer with --afs)'),
     click.option('--nfe', metavar='INT', type=click.IntRange(min=1), default=None,
                  help='Network evaluations per image: sets --steps for --solver (heun: odd NFE >= 3 only)'),
     click.option('--sigma_min', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True),
@@ -108,8 +109,21 @@ _COMMON_OPTIONS = [
                  help='Stoch. noise inflation'),
     click.option('--solver', type=click.Choice(sampling.SOLVERS),
                  help='ODE solver: heun (EDM Alg. 2, 2 evaluations per step) or a one-evaluation-per-step solver '
-                      '(euler, dpm2m, dpm3m, ipndm, ipndm_v; no --S_churn); with --disc/--schedule/--scaling only '
-                      'euler or heun (docs/samplers.md)  [default: heun]'),
+                      f'({", ".join(sampling.MULTISTEP_SOLVERS)}; no --S_churn); with --disc/--schedule/--scaling '
+                      'only euler or heun (docs/samplers.md)  [default: heun]'),
+    click.option('--ending', type=click.Choice(sampling.ENDINGS), default=None,
+                 help='One-evaluation solvers: stop at sigma_min (NFE = steps - 1) or end with D(x; sigma_min) '
+                      f'(NFE = steps)  [default: {sampling.MULTISTEP_DEFAULTS["ending"]}]'),
+    click.option('--sigma_grid', type=click.Choice(sampling.SIGMA_GRIDS), default=None,
+                 help='One-evaluation solvers: noise levels on EDM\'s rho-polynomial grid or uniform in log sigma '
+                      '(log-SNR); not the ablation --schedule  '
+                      f'[default: {sampling.MULTISTEP_DEFAULTS["sigma_grid"]}]'),
+    click.option('--lower_order_final', type=bool, default=None, metavar='BOOL',
+                 help='Multistep solvers: lower the order on the last steps (last step first order)  '
+                      f'[default: {int(sampling.MULTISTEP_DEFAULTS["lower_order_final"])}]'),
+    click.option('--afs', type=bool, default=None, metavar='BOOL',
+                 help='One-evaluation solvers: analytic first step, saving one NFE  '
+                      f'[default: {int(sampling.MULTISTEP_DEFAULTS["afs"])}]'),
     click.option('--disc', 'discretization', type=click.Choice(['vp', 've', 'iddpm', 'edm']),
                  help='Ablate time step discretization'),
     click.option('--schedule', type=click.Choice(['vp', 've', 'linear']), help='Ablate noise schedule sigma(t)'),
@@ -164,10 +178,10 @@ def given_on_command_line(name):
     return ctx is not None and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
 
 
-def steps_for_nfe(solver, nfe, param_hint):
-    """--nfe / --nfe_list → the step count for the solver, or one clear usage error."""
+def steps_for_nfe(opts, nfe, param_hint):
+    """--nfe / --nfe_list → the step count for the solver and its --ending/--afs, or one clear usage error."""
     try:
-        return sampling.steps_for_nfe(solver, nfe)
+        return sampling.steps_for_nfe(opts.get('solver'), nfe, opts.get('ending'), opts.get('afs'))
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint=param_hint) from None
 
@@ -177,7 +191,7 @@ def run_script(opts, axis=None, values=(None,), quant_filter='layers'):
     if opts.get('nfe') is not None and axis != 'steps':
         if given_on_command_line('num_steps'):
             raise click.BadParameter('give --steps or --nfe, not both', param_hint='--nfe')
-        opts = dict(opts, num_steps=steps_for_nfe(opts.get('solver'), opts['nfe'], '--nfe'))
+        opts = dict(opts, num_steps=steps_for_nfe(opts, opts['nfe'], '--nfe'))
     device = dist.init()
     try:
         generation.run(opts, device, axis, values, quant_filter)

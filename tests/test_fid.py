@@ -150,16 +150,26 @@ def test_folder_names_are_classified_without_mixing_kinds():
                  'ckpt_000200_heun_steps_5', 'ckpt_000200_rk4_steps_5', 'ckpt_000200_dpm2m_',
                  'ckpt_000200_steps_5_dpm2m']:
         assert fid.parse_folder_name(name) is None, name
-    # Solvers other than heun: their name after the kimg; NFE = 2·steps − 1 for heun, = steps for the others.
+    # Solvers other than heun: their name and settings after the kimg; NFE = 2·steps − 1 for heun; for the others
+    # steps − 1 when they stop at σ_min, steps with a final denoise, one fewer with AFS.
     solver_cases = {
-        'ckpt_000200_steps_5': ('heun', 'steps', 5, 9), 'ckpt_2_000200_dpm2m_steps_5': ('dpm2m', 'steps', 5, 5),
-        'ckpt_000200_ipndm_v_steps_7': ('ipndm_v', 'steps', 7, 7),
-        'ckpt_000200_ipndm_steps_7': ('ipndm', 'steps', 7, 7),
-        'ckpt_000200_dpm3m_alpha_0.1': ('dpm3m', 'alpha', 0.1, None), 'ckpt_000200_euler': ('euler', None, None, None),
+        'ckpt_000200_steps_5': ('heun', 'steps', 5, 9),
+        'ckpt_2_000200_dpm2m_end-stop_grid-rho_lof-1_afs-0_steps_5': ('dpm2m', 'steps', 5, 4),
+        'ckpt_000200_ipndm_v_end-denoise_grid-rho_lof-1_afs-0_steps_7': ('ipndm_v', 'steps', 7, 7),
+        'ckpt_000200_ipndm_end-stop_grid-logsnr_lof-0_afs-1_steps_7': ('ipndm', 'steps', 7, 5),
+        'ckpt_000200_dpm3m_exact_end-stop_grid-rho_lof-1_afs-0_alpha_0.1': ('dpm3m_exact', 'alpha', 0.1, None),
+        'ckpt_000200_euler_end-stop_grid-rho_lof-1_afs-0': ('euler', None, None, None),
     }
     for name, (solver, axis, value, nfe) in solver_cases.items():
         folder = fid.ImageFolder(name, **fid.parse_folder_name(name))
         assert (folder.solver, folder.axis, folder.value, folder.nfe) == (solver, axis, value, nfe), name
+    # Folders of the solvers' earlier forms (no ending in the name) are not taken for the published algorithms.
+    for name in ['ckpt_2_000200_dpm2m_steps_5', 'ckpt_000200_ipndm_v_steps_7', 'ckpt_000200_euler']:
+        assert fid.parse_folder_name(name) is None, name
+    a, b = (fid.ImageFolder(name, **fid.parse_folder_name(name)) for name in [
+        'ckpt_000200_dpm2m_end-stop_grid-rho_lof-1_afs-0_steps_5',
+        'ckpt_000200_dpm2m_end-stop_grid-rho_lof-0_afs-0_steps_5'])
+    assert a.group_key() != b.group_key() and a.setting == 'dpm2m end-stop grid-rho lof-1 afs-0'
 
 # ---------------------------------------------------------------------------------------------- end to end
 
@@ -259,7 +269,8 @@ def test_torchrun_two_processes_give_the_same_fid(reference, repo_root):
 def test_run_dir_mode_tabulates_fid_against_nfe_per_solver(reference, tmp_path):
     _data, ref = reference
     # Few folders: every scored folder costs an Inception pass on the CPU. The alpha folder is filtered out.
-    names = ['ckpt_000010_steps_2', 'ckpt_000010_dpm2m_steps_3', 'ckpt_000010_dpm2m_steps_5', 'ckpt_000010_alpha_0.1']
+    dpm2m = 'ckpt_000010_dpm2m_end-stop_grid-rho_lof-1_afs-0'
+    names = ['ckpt_000010_steps_2', f'{dpm2m}_steps_4', f'{dpm2m}_steps_6', 'ckpt_000010_alpha_0.1']
     for seed, name in enumerate(names):
         write_generated_folder(tmp_path / name, num=3, seed=seed)
     result, _ = invoke('calc', f'--images={tmp_path}', f'--ref={ref}', '--num=3', '--workers=0', '--steps=1')
@@ -267,9 +278,9 @@ def test_run_dir_mode_tabulates_fid_against_nfe_per_solver(reference, tmp_path):
     with open(tmp_path / 'fid.csv') as f:
         rows = {row['folder']: row for row in csv.DictReader(f)}
     assert sorted(rows) == sorted(names[:-1])
+    setting = 'dpm2m end-stop grid-rho lof-1 afs-0'
     assert {name: (row['solver'], row['nfe']) for name, row in rows.items()} == {
-        'ckpt_000010_steps_2': ('heun', '3'), 'ckpt_000010_dpm2m_steps_3': ('dpm2m', '3'),
-        'ckpt_000010_dpm2m_steps_5': ('dpm2m', '5')}
+        'ckpt_000010_steps_2': ('heun', '3'), f'{dpm2m}_steps_4': (setting, '3'), f'{dpm2m}_steps_6': (setting, '5')}
     fids = [float(row['fid']) for row in rows.values()]
     assert len(set(fids)) == 3 and min(fids) > 1  # different images per folder, so one score per folder
     with PIL.Image.open(tmp_path / 'fid.png') as plot:
@@ -280,5 +291,5 @@ def test_run_dir_mode_tabulates_fid_against_nfe_per_solver(reference, tmp_path):
         folder.fid = float(rows[folder.name]['fid']) if folder.name in rows else None
     fid_of = {name: float(row['fid']) for name, row in rows.items()}
     assert fid.plot_lines(folders, 'steps') == {
-        'dpm2m, kimg 10': [(3, fid_of['ckpt_000010_dpm2m_steps_3']), (5, fid_of['ckpt_000010_dpm2m_steps_5'])],
+        f'{setting}, kimg 10': [(3, fid_of[f'{dpm2m}_steps_4']), (5, fid_of[f'{dpm2m}_steps_6'])],
         'heun, kimg 10': [(3, fid_of['ckpt_000010_steps_2'])]}

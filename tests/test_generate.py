@@ -14,9 +14,11 @@ from click.testing import CliRunner
 import generate
 import generate_alpha
 import generate_quant
+import fid
 import generate_steps
 from torch_utils import distributed
 from training import generation
+from training import sampler as sampling
 from training.checkpoint import save_training_state, state_file_name
 from training.networks import build_network
 from training.quantize import fake_quantize, quantize_weights, select_weights
@@ -183,24 +185,38 @@ def test_solvers_and_nfe_in_every_script(run_dir, tmp_path):
         shutil.copy(os.path.join(run_dir, state_file_name(2)), folder)
     common = ['--seeds=0-1', '--batch=2']
     assert invoke(generate_steps.main, common + [f'--outdir={out}', '--nfe_list=3,5']).exit_code == 0
-    result = invoke(generate_steps.main, common + [f'--outdir={out}', '--solver=dpm2m', '--nfe_list=2,4'])
+    result = invoke(generate_steps.main, common + [f'--outdir={out}', '--solver=dpm2m', '--nfe_list=1,5'])
     assert result.exit_code == 0, result.output
-    assert invoke(generate_alpha.main, common + [f'--outdir={out}', '--solver=dpm3m', '--nfe=4',
+    assert invoke(generate_alpha.main, common + [f'--outdir={out}', '--solver=dpm3m', '--nfe=5',
                                                  '--alpha_list=0']).exit_code == 0
+    result = invoke(generate.main, common + [f'--outdir={out}', '--solver=ipndm', '--nfe=2', '--ending=denoise',
+                                             '--afs=1', '--sigma_grid=logsnr', '--lower_order_final=0'])
+    assert result.exit_code == 0, result.output
     assert invoke(generate_steps.main, common + [f'--outdir={ref}', '--step_list=2,3']).exit_code == 0
-    assert invoke(generate_steps.main, common + [f'--outdir={ref}', '--solver=dpm3m', '--step_list=4']).exit_code == 0
+    assert invoke(generate_steps.main, common + [f'--outdir={ref}', '--solver=dpm3m', '--step_list=6']).exit_code == 0
+    stop = 'end-stop_grid-rho_lof-1_afs-0'
     folders = sorted(d for d in os.listdir(out) if d.startswith('ckpt_'))
-    assert folders == ['ckpt_000002_dpm2m_steps_2', 'ckpt_000002_dpm2m_steps_4', 'ckpt_000002_dpm3m_alpha_0',
+    assert folders == [f'ckpt_000002_dpm2m_{stop}_steps_2', f'ckpt_000002_dpm2m_{stop}_steps_6',
+                       f'ckpt_000002_dpm3m_{stop}_alpha_0', 'ckpt_000002_ipndm_end-denoise_grid-logsnr_lof-0_afs-1',
                        'ckpt_000002_steps_2', 'ckpt_000002_steps_3']
     images = {name: read_bytes(os.path.join(out, name)) for name in folders}
     reference = {name: read_bytes(os.path.join(ref, name)) for name in os.listdir(ref) if name.startswith('ckpt_')}
-    # Heun by NFE is Heun by steps (NFE 3, 5 = steps 2, 3); --nfe=4 for dpm3m is 4 steps; solvers differ
-    # (dpm3m reaches third order only from its third step on, so 4 steps tell it from dpm2m).
+    # Heun by NFE is Heun by steps (NFE 3, 5 = steps 2, 3); --nfe=5 for dpm3m stopping at σ_min is 6 steps;
+    # solvers differ (with the lower-order final steps dpm3m reaches third order only with 5 moves or more).
     assert images['ckpt_000002_steps_2'] == reference['ckpt_000002_steps_2']
     assert images['ckpt_000002_steps_3'] == reference['ckpt_000002_steps_3']
-    assert images['ckpt_000002_dpm3m_alpha_0'] == reference['ckpt_000002_dpm3m_steps_4']
-    assert images['ckpt_000002_dpm2m_steps_2'] != images['ckpt_000002_steps_2']
-    assert images['ckpt_000002_dpm2m_steps_4'] != images['ckpt_000002_dpm3m_alpha_0']
+    assert images[f'ckpt_000002_dpm3m_{stop}_alpha_0'] == reference[f'ckpt_000002_dpm3m_{stop}_steps_6']
+    assert images[f'ckpt_000002_dpm2m_{stop}_steps_2'] != images['ckpt_000002_steps_2']
+    assert images[f'ckpt_000002_dpm2m_{stop}_steps_6'] != images[f'ckpt_000002_dpm3m_{stop}_alpha_0']
+    # fid.py reads every setting back: the NFE of each steps folder.
+    nfes = {f.name: f.nfe for f in fid.find_image_folders(out) if f.axis == 'steps'}
+    assert nfes == {'ckpt_000002_steps_2': 3, 'ckpt_000002_steps_3': 5, f'ckpt_000002_dpm2m_{stop}_steps_2': 1,
+                    f'ckpt_000002_dpm2m_{stop}_steps_6': 5}
+    # Options of the one-evaluation solvers with heun: one line, nothing written.
+    result = CliRunner().invoke(generate.main, common + [f'--network={out}/{state_file_name(2)}',
+                                                         f'--outdir={out}/heun', '--ending=stop'])
+    assert result.exit_code == 1 and 'applies to the one-evaluation solvers' in result.output
+    assert not os.path.exists(f'{out}/heun')
     # An impossible NFE in the list: one line, nothing written.
     result = CliRunner().invoke(generate_steps.main, common + [f'--outdir={out}', '--nfe_list=5,8'])
     assert result.exit_code == 2 and 'NFE 8 is impossible for heun' in result.output
@@ -254,7 +270,7 @@ def test_class_conditional_rgb(edm_cond_ckpt, tmp_path):
     (['--network={pfgm}', '--steps=1'], '--steps'),
     ([], 'no checkpoints'),
     (['--network={pfgm}', '--nfe=10'], 'NFE 10 is impossible for heun'),
-    (['--network={pfgm}', '--solver=euler', '--nfe=1'], 'impossible for euler'),
+    (['--network={pfgm}', '--solver=euler', '--nfe=1', '--ending=denoise'], 'impossible for euler'),
     (['--network={pfgm}', '--steps=3', '--nfe=5'], 'not both'),
     (['--network={pfgm}', '--solver=dpm2m', '--S_churn=1'], 'S_churn'),
     (['--network={pfgm}', '--solver=dpm3m', '--disc=vp'], 'cannot be combined'),
@@ -312,8 +328,38 @@ def test_folder_names():
     assert generation.folder_name(7, range(100000, 100005), 'steps', 18) == 'ckpt_3_000007_steps_18'
     assert generation.folder_name(0, [0], 'alpha', 0.0) == 'ckpt_000000_alpha_0'
     assert generation.folder_name(7, [0], 'steps', 9, 'heun') == 'ckpt_000007_steps_9'
-    assert generation.folder_name(7, [50000], 'steps', 9, 'dpm3m') == 'ckpt_2_000007_dpm3m_steps_9'
-    assert generation.folder_name(7, [0], solver='ipndm') == 'ckpt_000007_ipndm'
+    assert generation.folder_name(7, [50000], 'steps', 9, 'dpm3m', {'end': 'stop'}) == \
+        'ckpt_2_000007_dpm3m_end-stop_steps_9'
+    fields = generation.sampler_fields('ipndm_v', dict(afs=True))
+    assert generation.folder_name(7, [0], solver='ipndm_v', fields=fields) == \
+        'ckpt_000007_ipndm_v_end-stop_grid-rho_lof-1_afs-1'
+    assert generation.sampler_fields('heun', dict(num_steps=5)) == {}
+    with pytest.raises(ValueError, match='folder-name field'):
+        generation.folder_name(7, [0], solver='euler', fields={'end': 'a_b'})
+
+
+def test_folder_names_read_back_every_setting():
+    """parse_folder_name inverts folder_name for every solver, setting, seed set and axis, and leaves room for more
+    fields. Catches a field lost or misread (a folder scored as another setting), and a folder of the solvers'
+    earlier forms (no `end-` field) taken for the published ones."""
+    for solver in sampling.SOLVERS:
+        for options in [dict(), dict(ending='denoise', sigma_grid='logsnr', lower_order_final=False, afs=True)]:
+            if solver == 'heun' and options:
+                continue
+            fields = generation.sampler_fields(solver, options)
+            for seeds, seed_set, axis, value in [([0], 1, None, None), ([50000], 2, 'steps', 9),
+                                                 ([100000], 3, 'alpha', 0.25)]:
+                name = generation.folder_name(60, seeds, axis, value, solver, fields)
+                assert generation.parse_folder_name(name) == dict(
+                    seed_set=seed_set, kimg=60, solver=solver, fields={k: str(v) for k, v in fields.items()},
+                    guidance='', axis=axis, value=value, ema_std=None), name
+    more = generation.folder_name(60, [0], 'steps', 5, 'dpm2m', {'end': 'stop', 'guidance': 1.5, 'x': 'p-0.1'},
+                                  ema_std=0.07)
+    parsed = generation.parse_folder_name(more)
+    assert parsed['fields'] == {'end': 'stop', 'guidance': '1.5', 'x': 'p-0.1'} and parsed['ema_std'] == 0.07
+    for old in ['ckpt_000060_dpm2m_steps_5', 'ckpt_000060_dpm3m', 'ckpt_2_000060_ipndm_v_alpha_0.1']:
+        assert generation.parse_folder_name(old) is None, old
+    assert generation.parse_folder_name('ckpt_000060_steps_5')['solver'] == 'heun'
     assert generation.grid_file('g/grid.png', 'ckpt_000001') == 'g/grid_ckpt_000001.png'
 
 

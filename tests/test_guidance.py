@@ -257,11 +257,12 @@ def test_fid_reads_guided_folder_names_back_and_keeps_them_apart():
     import fid
     names = {generation.folder_name(8, [0], 'steps', 5, guidance=guidance.folder_tag(*tag)): tag
              for tag in [(1, False), (2, False), (1.5, True, (0.3, 5)), (3, False, (0.01, float('inf')))]}
-    names[generation.folder_name(8, [50000], 'steps', 5, 'dpm2m', guidance='cfg2')] = 'dpm2m'
-    names[generation.folder_name(8, [0], 'steps', 5, 'dpm2m', ema_std=0.07, guidance='ag2')] = 'ema'
+    names[generation.folder_name(8, [50000], 'steps', 5, 'dpm2m', {'end': 'stop'}, guidance='cfg2')] = 'dpm2m'
+    names[generation.folder_name(8, [0], 'steps', 5, 'dpm2m', {'end': 'stop'}, ema_std=0.07,
+                                  guidance='ag2')] = 'ema'
     assert sorted(names) == ['ckpt_000008_ag1.5_gi0.3-5_steps_5', 'ckpt_000008_cfg2_steps_5',
-                             'ckpt_000008_cfg3_gi0.01-inf_steps_5', 'ckpt_000008_ema0.070_dpm2m_ag2_steps_5',
-                             'ckpt_000008_steps_5', 'ckpt_2_000008_dpm2m_cfg2_steps_5']
+                             'ckpt_000008_cfg3_gi0.01-inf_steps_5', 'ckpt_000008_ema0.070_dpm2m_end-stop_ag2_steps_5',
+                             'ckpt_000008_steps_5', 'ckpt_2_000008_dpm2m_end-stop_cfg2_steps_5']
     folders = []
     for name in names:
         fields = fid.parse_folder_name(name)
@@ -271,8 +272,8 @@ def test_fid_reads_guided_folder_names_back_and_keeps_them_apart():
     tags = {f.name: (f.solver, f.guidance) for f in folders}
     assert tags['ckpt_000008_steps_5'] == ('heun', '') and tags['ckpt_000008_cfg2_steps_5'] == ('heun', 'cfg2')
     assert tags['ckpt_000008_ag1.5_gi0.3-5_steps_5'] == ('heun', 'ag1.5_gi0.3-5')
-    assert tags['ckpt_2_000008_dpm2m_cfg2_steps_5'] == ('dpm2m', 'cfg2')
-    assert tags['ckpt_000008_ema0.070_dpm2m_ag2_steps_5'] == ('dpm2m', 'ag2')
+    assert tags['ckpt_2_000008_dpm2m_end-stop_cfg2_steps_5'] == ('dpm2m', 'cfg2')
+    assert tags['ckpt_000008_ema0.070_dpm2m_end-stop_ag2_steps_5'] == ('dpm2m', 'ag2')
     assert len(fid.plot_lines(folders, 'steps')) == 6 and fid.min_over_seed_sets(folders) == {}
     for bad in ['ckpt_000008_cfg_steps_5', 'ckpt_000008_steps_5_cfg2', 'ckpt_000008_cfg2_gi0.3_steps_5']:
         assert fid.parse_folder_name(bad) is None, bad

@@ -332,8 +332,8 @@ def test_reconstructed_networks_are_checkpoints_for_generate_and_fid(tracked_run
     found = {f.name: f.ema_std for f in fid.find_image_folders(str(run_dir))}
     assert found == {'ckpt_000002': None, 'ckpt_000002_ema0.060': 0.06, 'ckpt_000002_ema0.080': 0.08}
     assert fid.parse_folder_name(generation.folder_name(2, [0], axis='steps', value=9, solver='dpm2m',
-                                                        ema_std=0.07)) == dict(
-        seed_set=1, kimg=2, axis='steps', value=9, solver='dpm2m', ema_std=0.07, guidance='')
+                                                        fields={'end': 'stop'}, ema_std=0.07)) == dict(
+        seed_set=1, kimg=2, axis='steps', value=9, solver='dpm2m', fields={'end': 'stop'}, ema_std=0.07, guidance='')
 
 
 # ------------------------------------------------------------------------------------------------------ bad input

@@ -120,8 +120,9 @@ def test_ablation_defaults_equal_edm_sampler():
     assert S.uses_ablation(dict(discretization='edm')) and not S.uses_ablation(dict(solver='heun', num_steps=5))
     c = S.sample(net, latents, num_steps=10, discretization='edm')
     assert torch.allclose(a, c, rtol=0, atol=1e-10)
-    # The multistep engine's Euler is the ablation sampler's Euler (two codings of one formula).
-    d = S.sample(net, latents, num_steps=10, solver='euler')
+    # The multistep engine's Euler with the 'denoise' ending is the ablation sampler's Euler (two codings of one
+    # formula).
+    d = S.sample(net, latents, num_steps=10, solver='euler', ending='denoise')
     e = S.sample(net, latents, num_steps=10, solver='euler', discretization='edm')
     assert torch.allclose(d, e, rtol=0, atol=1e-10)
 
@@ -289,21 +290,30 @@ class GaussianDenoiser(torch.nn.Module):
         return self.mean + self.std ** 2 / (self.std ** 2 + s2) * (x.to(torch.float64) - self.mean)
 
 
-# Measured slopes of log2(error(n) / error(2n)) at n = 128 (docs/samplers.md): euler 1.00, heun 2.02, dpm2m 2.05,
-# dpm3m 3.05, ipndm 2.02 (equal-step weights on an unequal grid: second order), ipndm_v 3.88.
-@pytest.mark.parametrize('solver, low, high', [('euler', 0.95, 1.05), ('heun', 1.9, 2.1), ('dpm2m', 1.9, 2.15),
-                                               ('dpm3m', 2.9, 3.15), ('ipndm', 1.9, 2.1), ('ipndm_v', 3.7, 4.1)])
-def test_convergence_order_on_gaussian_data(solver, low, high):
-    """Gaussian data, D → ∞: the exact flow is x(σ) = μ + (x₀ − μ)·√((σ² + s²)/(σ₀² + s²)). Every solver's last step,
-    from σ_min to 0, is D(x; σ_min) (Heun: an Euler step, the same up to rounding), a linear map, so the error at
-    σ = 0 against D(x_exact(σ_min); σ_min) is a fixed multiple of the error at σ_min on the ρ-grid."""
+# Measured slopes of log2(error(n) / error(2n)) (docs/samplers.md). The published dpm3m is second order; the
+# published ipndm_v approaches 2 slowly on the ρ-grid (1.36, 1.72, 1.87 from n = 128) and 3 on the log-SNR grid.
+_ORDERS = [('euler', 'rho', 128, 0.95, 1.05), ('dpm2m', 'rho', 128, 1.9, 2.15), ('dpm3m', 'rho', 128, 1.8, 2.0),
+           ('dpm2m_taylor', 'rho', 128, 1.9, 2.15), ('dpm3m_exact', 'rho', 128, 2.9, 3.15),
+           ('ipndm', 'rho', 128, 1.9, 2.1), ('ipndm_v', 'rho', 256, 1.6, 1.85), ('lms', 'rho', 128, 3.7, 4.1),
+           ('dpm2m', 'logsnr', 128, 1.9, 2.1), ('dpm3m', 'logsnr', 128, 1.9, 2.15),
+           ('dpm3m_exact', 'logsnr', 64, 3.9, 4.5), ('ipndm_v', 'logsnr', 128, 2.6, 2.85),
+           ('lms', 'logsnr', 128, 3.7, 4.1)]
+
+
+@pytest.mark.parametrize('solver, grid, n, low, high, ending', [
+    ('heun', 'rho', 128, 1.9, 2.1, 'denoise')] + [case + (ending,) for case in _ORDERS for ending in S.ENDINGS])
+def test_convergence_order_on_gaussian_data(solver, grid, n, low, high, ending):
+    """Gaussian data, D → ∞: the exact flow is x(σ) = μ + (x₀ − μ)·√((σ² + s²)/(σ₀² + s²)). Ending 'stop' returns
+    x(σ_min); 'denoise' (and Heun, whose last step is the same up to rounding) D(x; σ_min), a linear map, so the
+    error against D(x_exact(σ_min); σ_min) is a fixed multiple of the error at σ_min."""
     mean, std, sigma_min, sigma_max = 0.25, 0.5, 0.002, 80.0
     net = GaussianDenoiser(mean, std)
     x0 = torch.randn([4, 1, 4, 4], generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigma_max
     exact = mean + (x0 - mean) * math.sqrt((sigma_min ** 2 + std ** 2) / (sigma_max ** 2 + std ** 2))
-    target = net(exact, torch.full([4], sigma_min, dtype=torch.float64))
-    errors = [(S.sample(net, x0, solver=solver, num_steps=n, sigma_min=sigma_min, sigma_max=sigma_max) - target)
-              .abs().max().item() for n in (128, 256)]
+    target = exact if ending == 'stop' else net(exact, torch.full([4], sigma_min, dtype=torch.float64))
+    options = {} if solver == 'heun' else dict(ending=ending, sigma_grid=grid)
+    errors = [(S.sample(net, x0, solver=solver, num_steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, **options)
+               - target).abs().max().item() for steps in (n, 2 * n)]
     order = math.log2(errors[0] / errors[1])
     assert low < order < high, (solver, errors, order)
 
@@ -311,25 +321,41 @@ def test_convergence_order_on_gaussian_data(solver, low, high):
 @pytest.mark.parametrize('D', [2, 64, 2048, None])
 @pytest.mark.parametrize('solver', S.MULTISTEP_SOLVERS)
 def test_every_solver_lands_on_the_data(solver, D):
+    """Both endings: 'denoise' lands on a data point, 'stop' within the noise σ_min leaves (σ_min·√N per sample)."""
     data = toy_data(count=6, channels=1, resolution=4)
     net = ExactDenoiser(data, D)
     rnd = S.SeedRandom(range(12), 'cpu')
-    kwargs = dict(solver=solver, num_steps=40)
-    latents = rnd.prior(data.shape[1:], S.prior_sigma(net, **kwargs), D)
-    x0 = S.sample(net, latents, randn_like=rnd.randn_like, **kwargs)
-    nearest = torch.cdist(x0.reshape(12, -1), data.reshape(6, -1)).min(dim=1).values
-    assert nearest.max() < 1e-3 * torch.pdist(data.reshape(6, -1)).min(), (solver, D, nearest)
+    latents = rnd.prior(data.shape[1:], S.prior_sigma(net, solver=solver, num_steps=40), D)
+    spread = torch.pdist(data.reshape(6, -1)).min()
+    # 'stop' only for D ≥ 64: at D = 2 the kernel's heavy tails leave much more than σ_min·√N at σ_min.
+    for ending, tolerance in [('denoise', 1e-3 * spread)] + ([('stop', 3 * 0.002 * math.sqrt(16))] if D != 2 else []):
+        x0 = S.sample(net, latents, solver=solver, num_steps=40, ending=ending)
+        nearest = torch.cdist(x0.reshape(12, -1), data.reshape(6, -1)).min(dim=1).values
+        assert nearest.max() < tolerance, (solver, D, ending, nearest)
 
 
 @pytest.mark.parametrize('solver', S.SOLVERS)
 def test_nfe_counts_network_calls(solver):
+    """Every ending and AFS setting: the calls made are nfe_for_steps, and steps_for_nfe inverts it."""
     net = GaussianDenoiser(0.0, 0.5)
-    for num_steps in (2, 3, 7):
-        net.calls = 0
-        S.sample(net, torch.ones([2, 1, 4, 4], dtype=torch.float64), solver=solver, num_steps=num_steps)
-        assert net.calls == S.nfe_for_steps(solver, num_steps)
-        assert S.steps_for_nfe(solver, net.calls) == num_steps
-    assert S.nfe_for_steps(solver, 7) == (13 if solver == 'heun' else 7)
+    settings = [{}] if solver == 'heun' else [dict(ending=e, afs=a) for e in S.ENDINGS for a in (False, True)]
+    for options in settings:
+        for num_steps in (2, 3, 7):
+            if solver != 'heun' and num_steps == 2 and options['ending'] == 'stop' and options['afs']:
+                with pytest.raises(ValueError, match='no network evaluation'):
+                    S.sample(net, torch.ones([2, 1, 4, 4], dtype=torch.float64), solver=solver, num_steps=2,
+                             **options)
+                continue
+            net.calls = 0
+            S.sample(net, torch.ones([2, 1, 4, 4], dtype=torch.float64), solver=solver, num_steps=num_steps,
+                     **options)
+            assert net.calls == S.nfe_for_steps(solver, num_steps, **options)
+            assert S.steps_for_nfe(solver, net.calls, **options) == num_steps
+    if solver == 'heun':
+        assert S.nfe_for_steps(solver, 7) == 13
+    else:  # the default ending stops at σ_min: the steps from σ_max to σ_min
+        assert S.nfe_for_steps(solver, 7) == 6 and S.nfe_for_steps(solver, 7, ending='denoise', afs=True) == 6
+        assert S.nfe_for_steps(solver, 7, ending='stop', afs=True) == 5
 
 
 def test_impossible_nfe_and_bad_combinations_are_value_errors():
@@ -337,7 +363,10 @@ def test_impossible_nfe_and_bad_combinations_are_value_errors():
         with pytest.raises(ValueError, match=f'NFE {nfe} is impossible for heun.*{hint}'):
             S.steps_for_nfe('heun', nfe)
     with pytest.raises(ValueError, match='impossible for dpm2m'):
-        S.steps_for_nfe('dpm2m', 1)
+        S.steps_for_nfe('dpm2m', 0)
+    with pytest.raises(ValueError, match='impossible for dpm2m'):
+        S.steps_for_nfe('dpm2m', 1, ending='denoise')
+    assert S.steps_for_nfe('dpm2m', 1) == 2 and S.steps_for_nfe('dpm2m', 1, ending='denoise', afs=True) == 2
     net = GaussianDenoiser(0.0, 0.5)
     with pytest.raises(ValueError, match='solver must be one of'):
         S.prior_sigma(net, solver='rk4')
@@ -345,6 +374,17 @@ def test_impossible_nfe_and_bad_combinations_are_value_errors():
         S.prior_sigma(net, solver='dpm2m', discretization='vp')
     with pytest.raises(ValueError, match='S_churn'):
         S.sample(net, torch.ones([1, 1, 4, 4]), solver='ipndm', S_churn=10)
+    # Heun keeps EDM's grid and ending; the ablation sampler has neither option.
+    for options in [dict(ending='stop'), dict(ending='denoise'), dict(sigma_grid='logsnr'), dict(afs=True),
+                    dict(lower_order_final=True)]:
+        with pytest.raises(ValueError, match='applies to the one-evaluation solvers'):
+            S.prior_sigma(net, solver='heun', **options)
+        with pytest.raises(ValueError, match='applies to the one-evaluation solvers'):
+            S.prior_sigma(net, solver='euler', discretization='edm', **options)
+    with pytest.raises(ValueError, match='ending must be one of'):
+        S.prior_sigma(net, solver='dpm2m', ending='zero')
+    with pytest.raises(ValueError, match='sigma_grid must be one of'):
+        S.prior_sigma(net, solver='dpm2m', sigma_grid='vp')
 
 
 def test_heun_path_keeps_its_bytes():
@@ -381,3 +421,165 @@ def test_solvers_are_per_seed_and_batch_independent_with_alpha(solver):
         assert torch.equal(run([seed])[0], full[i])
     assert torch.equal(run(seeds[::-1]), full.flip(0))
     assert not torch.allclose(run(seeds, noise_alpha=0), full)  # α perturbs the trajectory
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The published algorithms, written out independently of training/sampler.py in the published notation
+# (DPM-Solver++ official code: φ1 = expm1(−h) < 0; iPNDM_v: diff-sampler's h_n, h_{n−1}, ... and slope buffer).
+
+def published_dpm_solver_pp(net, x, t_steps, order, lower_order_final):
+    """DPM-Solver++(order)M, data prediction, stopping at t_steps[-1]; warm start at orders 1, 2, ...; with
+    lower_order_final the step order is min(order, steps left) once the warm start is over."""
+    lam = lambda t: -math.log(t)
+    models, times = [], []
+    num_steps = len(t_steps)
+    for i in range(num_steps - 1):
+        t, t_next = t_steps[i], t_steps[i + 1]
+        models.append(net(x, torch.full([x.shape[0]], t, dtype=torch.float64)))
+        times.append(t)
+        if lower_order_final:
+            step_order = i + 1 if i + 1 < order else min(order, num_steps - (i + 1))
+        else:
+            step_order = min(order, i + 1)
+        h = lam(t_next) - lam(times[-1])
+        phi_1 = math.expm1(-h)
+        x_new = (t_next / times[-1]) * x - phi_1 * models[-1]
+        if step_order >= 2:
+            r0 = (lam(times[-1]) - lam(times[-2])) / h
+            D1_0 = (1 / r0) * (models[-1] - models[-2])
+        if step_order == 2:
+            x_new = x_new - 0.5 * phi_1 * D1_0
+        if step_order == 3:
+            r1 = (lam(times[-2]) - lam(times[-3])) / h
+            D1_1 = (1 / r1) * (models[-2] - models[-3])
+            D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+            D2 = (1 / (r0 + r1)) * (D1_0 - D1_1)
+            phi_2 = phi_1 / h + 1
+            phi_3 = phi_2 / h - 0.5
+            x_new = x_new + phi_2 * D1 - phi_3 * D2
+        x = x_new
+    return x
+
+
+def published_ipndm_v(net, x, t_steps):
+    """iPNDM_v (max order 4), stopping at t_steps[-1], with the published approximate variable-step weights."""
+    slopes = []
+    for i in range(len(t_steps) - 1):
+        t_cur, t_next = t_steps[i], t_steps[i + 1]
+        d_cur = (x - net(x, torch.full([x.shape[0]], t_cur, dtype=torch.float64))) / t_cur
+        order = min(4, i + 1)
+        hn = t_next - t_cur
+        if order == 1:
+            c = [1]
+        else:
+            hn1 = t_cur - t_steps[i - 1]
+            base1, base2 = (2 + hn / hn1) / 2, -(hn / hn1) / 2
+        if order == 2:
+            c = [base1, base2]
+        if order >= 3:
+            hn2 = t_steps[i - 1] - t_steps[i - 2]
+            tmp1 = (1 - hn / (3 * (hn + hn1)) * (hn * (hn + hn1)) / (hn1 * (hn1 + hn2))) / 2
+        if order == 3:
+            c = [base1 + tmp1, base2 - (1 + hn1 / hn2) * tmp1, tmp1 * hn1 / hn2]
+        if order == 4:
+            hn3 = t_steps[i - 2] - t_steps[i - 3]
+            tmp2 = ((1 - hn / (3 * (hn + hn1))) / 2 + (1 - hn / (2 * (hn + hn1))) * hn / (6 * (hn + hn1 + hn2))) \
+                * (hn * (hn + hn1) * (hn + hn1 + hn2)) / (hn1 * (hn1 + hn2) * (hn1 + hn2 + hn3))
+            ratio = hn1 * (hn1 + hn2) / (hn2 * (hn2 + hn3))
+            c = [base1 + tmp1 + tmp2,
+                 base2 - (1 + hn1 / hn2) * tmp1 - (1 + hn1 / hn2 + ratio) * tmp2,
+                 tmp1 * hn1 / hn2 + (hn1 / hn2 + ratio * (1 + hn2 / hn3)) * tmp2,
+                 -tmp2 * ratio * hn1 / hn2]
+        history = [d_cur] + slopes[::-1]
+        x = x + hn * sum(w * d for w, d in zip(c, history))
+        slopes = (slopes + [d_cur])[-3:]
+    return x
+
+
+@pytest.mark.parametrize('sigma_grid', S.SIGMA_GRIDS)
+@pytest.mark.parametrize('num_steps', [3, 4, 6, 11])
+def test_published_solvers_match_the_written_out_formulas(sigma_grid, num_steps):
+    """dpm2m, dpm3m (both lower_order_final settings) and ipndm_v against the published step formulas. Catches the
+    taylor 2M or the exact-quadratic 3M under the published name, another lower-order rule, the exact
+    variable-step weights instead of iPNDM_v's, and an off-by-one in the 'stop' ending."""
+    data = toy_data(count=5, channels=1, resolution=4, seed=6)
+    net = ExactDenoiser(data, 64.0)
+    latents = S.SeedRandom(range(3), 'cpu').prior(data.shape[1:], 80.0, 64.0)
+    t_steps = S.sigma_steps(net, num_steps, 0.002, 80, 7, sigma_grid)
+    common = dict(num_steps=num_steps, sigma_grid=sigma_grid, ending='stop', afs=False)
+    for solver, order in [('dpm2m', 2), ('dpm3m', 3)]:
+        for lof in (False, True):
+            ours = S.sample(net, latents, solver=solver, lower_order_final=lof, **common)
+            ref = published_dpm_solver_pp(net, latents, t_steps, order, lof)
+            assert torch.allclose(ours, ref, rtol=0, atol=1e-12), (solver, lof, (ours - ref).abs().max())
+    ours = S.sample(net, latents, solver='ipndm_v', lower_order_final=False, **common)
+    ref = published_ipndm_v(net, latents, t_steps)
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-12), (ours - ref).abs().max()
+    # The renamed forms are other algorithms once the history they differ in is used (ipndm_v and lms share the
+    # exact second-order weights; they differ from third order on).
+    full_order = dict(common, lower_order_final=False)
+    for published, renamed in [('dpm2m', 'dpm2m_taylor'), ('dpm3m', 'dpm3m_exact'), ('ipndm_v', 'lms')]:
+        if num_steps >= 4 or published == 'dpm2m':
+            assert not torch.allclose(S.sample(net, latents, solver=published, **full_order),
+                                      S.sample(net, latents, solver=renamed, **full_order), rtol=0, atol=1e-6)
+
+
+def test_renamed_forms_keep_their_formulas():
+    """One step of dpm2m_taylor is the official code's "taylor" 2M, and dpm3m_exact's differs from the published 3M
+    only by the second difference's weight (−2φ3 instead of −φ3). Catches a mix-up of the step functions."""
+    g = torch.Generator().manual_seed(3)
+    x, m0, m1, m2 = (torch.randn([2, 1, 4, 4], generator=g, dtype=torch.float64) for _ in range(4))
+    sigmas, sigma_next = [1.3, 2.9, 5.0], 0.6
+    history = [(s, x, m) for s, m in zip(sigmas, (m0, m1, m2))]
+    h = math.log(sigmas[0] / sigma_next)
+    phi_1 = math.expm1(-h)
+    r0 = math.log(sigmas[1] / sigmas[0]) / h
+    D1_0 = (m0 - m1) / r0
+    taylor = (sigma_next / sigmas[0]) * x - phi_1 * m0 + (phi_1 / h + 1) * D1_0
+    assert torch.allclose(S._MULTISTEP['dpm2m_taylor'][0](history[:2], sigma_next), taylor, rtol=0, atol=1e-13)
+    r1 = math.log(sigmas[2] / sigmas[1]) / h
+    D2 = ((m0 - m1) / r0 - (m1 - m2) / r1) / (r0 + r1)
+    phi_3 = (phi_1 / h + 1) / h - 0.5
+    difference = S._MULTISTEP['dpm3m_exact'][0](history, sigma_next) - S._MULTISTEP['dpm3m'][0](history, sigma_next)
+    assert torch.allclose(difference, -phi_3 * D2, rtol=0, atol=1e-12)
+
+
+def test_logsnr_grid_closed_form():
+    net = GaussianDenoiser(0.0, 0.5)
+    t = S.sigma_steps(net, 6, 0.002, 80, 7, 'logsnr')
+    assert t == pytest.approx([80 * (0.002 / 80) ** (i / 5) for i in range(6)], rel=1e-13)
+    assert S.sigma_steps(net, 6, 0.002, 80, 7, 'rho') == S.edm_sigma_steps(net, 6, 0.002, 80, 7)
+    assert S.prior_sigma(net, solver='dpm2m', num_steps=6, sigma_grid='logsnr', sigma_max=50) == pytest.approx(50)
+
+
+def test_endings_and_analytic_first_step():
+    """'denoise' is D(x; σ_min) of what 'stop' returns; AFS equals evaluating, at σ_max, a network whose output there
+    is x − σ·x/√(1 + σ²). Catches an evaluation at σ_min under 'stop' and AFS at the wrong step or formula."""
+    data = toy_data(count=5, channels=1, resolution=4, seed=7)
+    net = ExactDenoiser(data, None)
+    latents = S.SeedRandom(range(3), 'cpu').prior(data.shape[1:], 80.0, None)
+    for solver in ('euler', 'dpm3m', 'ipndm'):
+        stop = S.sample(net, latents, solver=solver, num_steps=6, ending='stop')
+        denoise = S.sample(net, latents, solver=solver, num_steps=6, ending='denoise')
+        assert torch.equal(denoise, net(stop, torch.full([3], 0.002, dtype=torch.float64)))
+
+    class AnalyticAtTheTop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.D, self.sigma_min, self.sigma_max, self.calls = None, 0.0, float('inf'), 0
+
+        def round_sigma(self, sigma):
+            return torch.as_tensor(sigma)
+
+        def forward(self, x, sigma, class_labels=None):
+            if float(sigma[0]) == 80.0:
+                return x - 80.0 * x / math.sqrt(1 + 80.0 ** 2)
+            self.calls += 1
+            return net(x, sigma)
+
+    wrapped = AnalyticAtTheTop()
+    for solver in ('euler', 'dpm2m', 'ipndm_v'):
+        afs = S.sample(net, latents, solver=solver, num_steps=6, afs=True)
+        wrapped.calls = 0
+        assert torch.equal(afs, S.sample(wrapped, latents, solver=solver, num_steps=6, afs=False))
+        assert wrapped.calls == S.nfe_for_steps(solver, 6, afs=True)

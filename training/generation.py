@@ -9,7 +9,8 @@ Two ways to name the networks:
   → images straight into `--outdir` (generate.py) or `--outdir/ckpt_{kimg:06d}_<axis>_<value>/` (sweeps).
 - `--outdir=<run dir>` alone (the PFGM++ README's form): every checkpoint of the run, filtered by
   --ckpt/--end_ckpt, → `ckpt_{kimg:06d}[_<axis>_<value>]/{seed//1000*1000:06d}/{seed:06d}.png`; `ckpt_2_`/`ckpt_3_`
-  when the smallest seed is ≥ 50000 / ≥ 100000. Complete folders are skipped, partial ones completed.
+  when the smallest seed is ≥ 50000 / ≥ 100000. Complete folders are skipped, partial ones completed. A solver
+  other than heun puts its name and settings before the axis (`folder_name`, read back by `parse_folder_name`).
 
 Seeds are sharded over torchrun ranks as the reference does; every image depends only on its seed
 (`sampler.SeedRandom`), so batch size and rank count never change the bytes of an image on the CPU. On CUDA the
@@ -109,19 +110,71 @@ def seed_set_prefix(seeds):
     return 'ckpt_3_' if smallest >= 100000 else 'ckpt_2_' if smallest >= 50000 else 'ckpt_'
 
 
-def folder_name(kimg, seeds, axis=None, value=None, solver=None, ema_std=None, guidance=''):
-    """`ckpt_000100`, `ckpt_2_000100_alpha_0.1`, `ckpt_000100_steps_18`, `ckpt_000100_quant_8`, ...; a solver other
-    than heun adds its name after the kimg: `ckpt_000100_dpm2m_steps_9`, `ckpt_000100_ipndm`. A post-hoc EMA network
-    (phema-*.pt) adds its σ_rel right after the kimg: `ckpt_000100_ema0.070`. Guidance adds its tag after the solver
-    (training.guidance.folder_tag): `ckpt_000100_cfg2_gi0.3-5`, `ckpt_000100_ag1.5_steps_9`."""
+def sampler_fields(solver, sampler_kwargs):
+    """The folder-name fields {key: value} of a solver's settings: for the multistep solvers every option of
+    sampler.MULTISTEP_OPTIONS with its default filled in (`end-stop_grid-rho_lof-1_afs-0`), so a name never depends
+    on what the defaults were when it was written; none for heun."""
+    if solver in (None, 'heun'):
+        return {}
+    settings = sampling.multistep_settings(**sampler_kwargs)
+    return {'end': settings['ending'], 'grid': settings['sigma_grid'], 'lof': int(settings['lower_order_final']),
+            'afs': int(settings['afs'])}
+
+
+def folder_name(kimg, seeds, axis=None, value=None, solver=None, fields=None, ema_std=None, guidance=''):
+    """`ckpt_000100`, `ckpt_2_000100_alpha_0.1`, `ckpt_000100_steps_18`, `ckpt_000100_quant_8`, ...; a post-hoc EMA
+    network (phema-*.pt) adds its σ_rel right after the kimg (`ckpt_000100_ema0.070`); a solver other than heun adds
+    its name, then its settings as `_key-value` fields (`fields`, e.g. from sampler_fields), then the sweep axis:
+    `ckpt_000100_dpm2m_end-stop_grid-rho_lof-1_afs-0_steps_9`. Guidance adds its tag (training.guidance.folder_tag)
+    before the axis: `ckpt_000100_cfg2_gi0.3-5`, `ckpt_000100_ag1.5_steps_9`. parse_folder_name reads every part
+    back; keys are lower-case words, values contain no `_`."""
     name = f'{seed_set_prefix(seeds)}{kimg:06d}'
     if ema_std is not None:
         name = f'{name}_ema{ema_std:.3f}'
     if solver not in (None, 'heun'):
         name = f'{name}_{solver}'
+    for key, field in (fields or {}).items():
+        field = f'{field:g}' if isinstance(field, float) else str(field)
+        if not re.fullmatch(r'[a-z]+', key) or not field or '_' in field or '/' in field:
+            raise ValueError(f'folder-name field {key}={field!r}: keys are lower-case words, values non-empty '
+                             f'without "_" or "/"')
+        name = f'{name}_{key}-{field}'
     if guidance:
         name = f'{name}_{guidance}'
     return name if axis is None else f'{name}_{axis}_{value:g}'
+
+
+_NUMBER = r'\d+(?:\.\d*)?(?:[eE][-+]?\d+)?'
+_FOLDER_RE = re.compile(r'ckpt_(?:(?P<seed_set>[23])_(?=\d))?(?P<kimg>\d+)(?:_ema(?P<ema_std>\d+\.\d+))?'
+                        r'(?:_(?P<solver>' + '|'.join(sorted(sampling.MULTISTEP_SOLVERS, key=len, reverse=True)) +
+                        r'))?(?P<fields>(?:_[a-z]+-[^_/]+)*)'
+                        rf'(?:_(?P<guidance>(?:cfg|ag){_NUMBER}(?:_gi{_NUMBER}-(?:{_NUMBER}|inf))?))?'
+                        rf'(?:_(?P<axis>alpha|steps|quant|prune)_(?P<value>{_NUMBER}))?')
+
+
+def parse_folder_name(name):
+    """The parts of a folder_name: dict(seed_set, kimg, solver, fields, guidance, axis, value, ema_std), or None when
+    `name` is not one. fields: {key: value string}. A multistep solver's folder without its `end-` field was written
+    before the solvers took their published forms (dpm2m, dpm3m and ipndm_v were other algorithms then): None."""
+    match = _FOLDER_RE.fullmatch(name)
+    if match is None:
+        return None
+    fields = dict(token.split('-', 1) for token in match['fields'].split('_')[1:])
+    solver = match['solver'] or 'heun'
+    if solver != 'heun' and 'end' not in fields:
+        return None
+    axis, value = match['axis'], match['value']
+    if axis is not None:
+        value = float(value) if axis in ('alpha', 'prune') else int(float(value))
+    return dict(seed_set=int(match['seed_set'] or 1), kimg=int(match['kimg']), solver=solver, fields=fields,
+                guidance=match['guidance'] or '', axis=axis, value=value,
+                ema_std=float(match['ema_std']) if match['ema_std'] is not None else None)
+
+
+def folder_nfe(solver, fields, num_steps):
+    """Network evaluations per image of a steps folder, from its parsed solver and fields."""
+    return sampling.nfe_for_steps(solver, num_steps, ending=fields.get('end'),
+                                  afs=None if 'afs' not in fields else fields['afs'] == '1')
 
 
 def grid_file(grid, folder):
@@ -341,7 +394,7 @@ def generate_folder(net, seeds, folder, *, sampler_kwargs, noise_alpha=0, class_
 # The driver behind the scripts.
 
 SAMPLER_OPTIONS = ('num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise', 'solver',
-                   'discretization', 'schedule', 'scaling')
+                   'discretization', 'schedule', 'scaling') + sampling.MULTISTEP_OPTIONS
 SWEEP_AXES = (None, 'alpha', 'steps', 'quant')
 
 
@@ -387,8 +440,8 @@ def output_folder(opts, kimg, axis, value, ema_std=None):
     everything else into ckpt_* folders, completing partial ones."""
     if opts['network_pkl'] is not None and axis is None:
         return opts['outdir'], None, opts['subdirs'], False
-    name = folder_name(kimg, opts['seeds'], axis, value, opts.get('solver'), ema_std=ema_std,
-                       guidance=guidance_tag(opts))
+    name = folder_name(kimg, opts['seeds'], axis, value, opts.get('solver'), sampler_fields(opts.get('solver'), opts),
+                       ema_std=ema_std, guidance=guidance_tag(opts))
     return os.path.join(opts['outdir'], name), name, True, True
 
 
