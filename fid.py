@@ -91,12 +91,11 @@ def write_table(folders, path):
     rows = []
     for f in folders:
         best = minima.get(f.group_key())
-        rows.append(dict(folder=f.name, seed_set=f.seed_set, kimg=f.kimg, solver=f.setting, guidance=f.guidance,
-                         axis=f.axis or '',
+        rows.append(dict(folder=f.name, seed_set=f.seed_set, kimg=f.kimg, solver=f.setting, axis=f.axis or '',
                          value='' if f.value is None else f.value, nfe='' if f.nfe is None else f.nfe, fid=f.fid,
                          min_fid_over_seed_sets='' if best is None else best[0],
                          seed_sets='' if best is None else ' '.join(map(str, best[1])),
-                         ema_std='' if f.ema_std is None else f.ema_std))
+                         ema_std='' if f.ema_std is None else f.ema_std, guidance=f.guidance))
         rows[-1].update({column: f.metrics.get(column, '') for column in extra_columns(folders)})
     if path.lower().endswith('.json'):
         summary = [dict(kimg=k, solver=solver, guidance=g, axis=a, value=v, min_fid=fid, seed_sets=sets,
