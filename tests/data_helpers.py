@@ -60,3 +60,24 @@ def make_image_folder(path, num=16, resolution=8, channels=3, labels=None, seed=
         with open(target, 'wb') as f:
             f.write(data)
     return str(path)
+
+
+def tiny_training_options(zip_path, **overrides):
+    """training_loop() keyword arguments of a tiny in-process run on `zip_path` (8x8 images, SongUNet of 16
+    channels, 4 steps of 16 images), with `overrides` applied."""
+    options = dict(
+        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=zip_path, use_labels=False,
+                            xflip=False, cache=True),
+        data_loader_kwargs=dict(pin_memory=True, num_workers=0, prefetch_factor=2),
+        network_kwargs=dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+                            decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=16,
+                            channel_mult=[1, 1], num_blocks=1, class_name='training.networks.EDMPrecond',
+                            augment_dim=9, dropout=0.13, use_fp16=False),
+        loss_kwargs=dict(class_name='training.loss.EDMLoss', D=128.0, stf=False),
+        optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-3, betas=[0.9, 0.999], eps=1e-8),
+        augment_kwargs=dict(class_name='training.augment.AugmentPipe', p=0.5, xflip=1e8, yflip=1, scale=1,
+                            rotate_frac=1, aniso=1, translate_frac=1),
+        seed=7, batch_size=16, total_kimg=0.064, lr_rampup_kimg=0.016, kimg_per_tick=0.032, state_dump_ticks=1,
+        D=128.0, device='cpu')
+    options.update(overrides)
+    return options

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from data_helpers import make_image_zip
+from data_helpers import make_image_zip, tiny_training_options
 from torch_utils import misc, training_stats
 import train
 from training import checkpoint, training_loop
@@ -206,22 +206,7 @@ def test_training_step_never_waits_for_the_device(loss_kwargs):
 
 
 def _options(zip_path, **overrides):
-    options = dict(
-        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=zip_path, use_labels=False,
-                            xflip=False, cache=True),
-        data_loader_kwargs=dict(pin_memory=True, num_workers=0, prefetch_factor=2),
-        network_kwargs=dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
-                            decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1], model_channels=16,
-                            channel_mult=[1, 1], num_blocks=1, class_name='training.networks.EDMPrecond',
-                            augment_dim=9, dropout=0.13, use_fp16=False),
-        loss_kwargs=dict(class_name='training.loss.EDMLoss', D=128.0, stf=False),
-        optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-3, betas=[0.9, 0.999], eps=1e-8),
-        augment_kwargs=dict(class_name='training.augment.AugmentPipe', p=0.5, xflip=1e8, yflip=1, scale=1,
-                            rotate_frac=1, aniso=1, translate_frac=1),
-        seed=7, batch_size=16, total_kimg=0.064, lr_rampup_kimg=0.016, kimg_per_tick=0.032, state_dump_ticks=1,
-        D=128.0, device='cpu')
-    options.update(overrides)
-    return options
+    return tiny_training_options(zip_path, **overrides)
 
 
 @pytest.fixture(scope='module')
