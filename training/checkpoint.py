@@ -149,11 +149,15 @@ def load_training_state(path):
     """Read and validate a training state written by save_training_state. Raises CheckpointError."""
     if not os.path.isfile(path):
         raise CheckpointError(f'{path}: no such file')
+    return _validated(_load_tensors(path, 'training state'), path)
+
+
+def _load_tensors(path, what, mmap=False):
+    """torch.load with weights_only; any failure to read becomes one CheckpointError naming `what` the file is."""
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f'{path}: not a readable training state ({error_summary(err)})') from None
-    return _validated(state, path)
+        raise CheckpointError(f'{path}: not a readable {what} ({error_summary(err)})') from None
 
 
 def _validated(state, path):
@@ -206,11 +210,7 @@ def save_network_file(path, *, network_config, ema_state, info):
 
 def load_network_file(path, mmap=False):
     """Read a network file written by save_network_file (mmap: tensors read from disk only when used)."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f'{path}: not a readable network file ({error_summary(err)})') from None
-    return _validated_network_file(state, path)
+    return _validated_network_file(_load_tensors(path, 'network file', mmap=mmap), path)
 
 
 def _validated_network_file(state, path):
