@@ -321,7 +321,7 @@ def test_run_directory_mode_writes_one_file_per_checkpoint(files, tmp_path):
     (['--network={pfgm}', '--images=2,2'], 'twice'),
     (['--network={pfgm}', '--data={missing}'], 'not found'),
     (['--network={cond}'], 'needs matching labels'),
-    ([], 'no training-state'),
+    ([], 'no checkpoints'),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(args, message, files, tmp_path):
     out = tmp_path / 'out'

@@ -37,13 +37,13 @@ from dnnlib.util import atomic_write, check_choice
 from torch_utils import distributed as dist
 from training.checkpoint import load_network
 from training.dataset import ImageFolderDataset
-from training.generation import list_run_checkpoints, network_kimg, prepare_network
+from training.generation import find_networks, prepare_network
 from training.pfgmpp import kernel_log_density
 from training.sampler import denoise
 
 __all__ = ['VARIABLES', 'rademacher', 'dequantize', 'divergence', 'ode_log_likelihood', 'bits_per_dim',
            'mean_and_standard_error', 'image_randomness', 'evaluate_images', 'summarize', 'result_file',
-           'find_networks', 'open_images', 'check_sigma_range', 'evaluate_network', 'run']
+           'open_images', 'check_sigma_range', 'evaluate_network', 'run']
 
 VARIABLES = ('sigma', 'log_sigma')
 
@@ -188,20 +188,6 @@ def result_file(outdir, kimg):
     return os.path.join(outdir, f'likelihood-{kimg:06d}.json')
 
 
-def find_networks(network, outdir, ckpt=0, end_ckpt=100000000):
-    """[(kimg, path)]: the one `network` file, or every training state of the run directory `outdir`."""
-    if network is not None:
-        return [(network_kimg(network), network)]
-    try:
-        networks = list_run_checkpoints(outdir, ckpt, end_ckpt)
-    except FileNotFoundError as err:
-        raise ValueError(f'--outdir: {err}; pass --network=<file> or a training run directory') from None
-    if not networks:
-        raise ValueError(f'--outdir: no training-state-*.pt in "{outdir}" within --ckpt={ckpt}..--end_ckpt='
-                         f'{end_ckpt}; pass --network=<file> or a run directory')
-    return networks
-
-
 def open_images(data, indices, net, source):
     """The dataset and the image indices to evaluate, checked against the network (ValueError when they differ)."""
     dataset = ImageFolderDataset(data, use_labels=net.label_dim > 0)
@@ -256,7 +242,8 @@ def run(opts, device):
     check_choice('variable', opts['variable'], VARIABLES)
     settings = {key: opts[key] for key in ('data', 'images', 'seed', 'batch', 'sigma_min', 'sigma_max', 'rtol',
                                            'atol', 'variable', 'exact_trace')}
-    for kimg, path in find_networks(opts['network_pkl'], opts['outdir'], opts['ckpt'], opts['end_ckpt']):
+    run_dir = dict(edm=False, use_pickle=False)  # run-directory mode lists our own checkpoint files only
+    for kimg, path in find_networks({**opts, **run_dir}):
         target = result_file(opts['outdir'], kimg)
         previous = _read_json(target)
         if previous is not None and previous.get('settings') == settings and previous.get('network') == path:
