@@ -51,6 +51,15 @@ def save_results(results, path):
         json.dump(results, f, indent=2, sort_keys=True)
 
 
+def score_folder(folder, ref, num, log):
+    """(FID, (KID, KID std over subsets)) of one image folder, through fid.py as a user types it."""
+    table = folder + '.metrics.json'
+    run(['fid.py', 'calc', f'--images={folder}', f'--ref={ref}', f'--num={num}', '--workers=1', '--metrics=fid,kid',
+         '--cache=1', f'--table={table}'], log)
+    (row,) = json.load(open(table))
+    return row['fid'], (row['kid'], row['kid_std'])
+
+
 def traditional_ema_std(kimg, batch, halflife_kimg, rampup_ratio=0.05):
     """σ_rel of the weights the traditional EMA (with its ramp-up) puts on each step's iterate at the end."""
     steps = int(np.ceil(kimg * 1000 / batch))
@@ -87,7 +96,7 @@ def density_errors(run_dir, kimg):
 @click.option('--snap', type=int, default=3, show_default=True, help='--phema-snap (kimg)')
 @click.option('--stds', default='0.01,0.02,0.035,0.05,0.07,0.1,0.15,0.2,0.25', show_default=True,
               help='σ_rel values to reconstruct and score')
-@click.option('--num', type=int, default=200, show_default=True, help='Images per FID folder')
+@click.option('--num', type=int, default=200, show_default=True, help='Images per FID/KID folder')
 @click.option('--ref', default=None, help='FID reference statistics  [default: computed from the whole dataset]')
 @click.option('--doc', default=None, help='Also rewrite this docs/ema.md\'s measurement section (and ema-fid.png)')
 def main(out, kimg, snap, stds, num, ref, doc):
@@ -102,7 +111,7 @@ def main(out, kimg, snap, stds, num, ref, doc):
     if ref is None:
         ref = os.path.join(out, 'digits-16x16.npz')
         if not os.path.exists(ref):
-            run(['fid.py', 'ref', f'--data={data}', f'--dest={ref}', '--workers=1'], log)
+            run(['fid.py', 'ref', f'--data={data}', f'--dest={ref}', '--workers=1', '--features=1'], log)
     std_list = [float(s) for s in stds.split(',')]
     for model, prior in MODELS.items():
         run_dir = os.path.join(out, 'runs', model)
@@ -121,13 +130,11 @@ def main(out, kimg, snap, stds, num, ref, doc):
             run(['generate.py', f'--network={os.path.join(run_dir, phema.output_file_name(kimg, yard_std))}',
                  f'--outdir={yardstick}', f'--seeds=50000-{50000 + num - 1}', '--batch=100'], log)
         scores = results.setdefault(model, {}).setdefault('fid', {})
+        kids = results[model].setdefault('kid', {})
         for name in sorted(os.listdir(run_dir)):
-            if name.startswith('ckpt_') and name not in scores:
-                output = subprocess.run([sys.executable, 'fid.py', 'calc', f'--images={os.path.join(run_dir, name)}',
-                                         f'--ref={ref}', f'--num={num}', '--workers=1'], cwd=ROOT, check=True,
-                                        capture_output=True, text=True).stdout
-                scores[name] = float(output.strip().splitlines()[-1])
-                print(f'{model} {name}: FID {scores[name]:.2f}', flush=True)
+            if name.startswith('ckpt_') and os.path.isdir(os.path.join(run_dir, name)) and name not in kids:
+                scores[name], kids[name] = score_folder(os.path.join(run_dir, name), ref, num, log)
+                print(f'{model} {name}: FID {scores[name]:.2f}, KID×10³ {1e3 * kids[name][0]:.2f}', flush=True)
                 save_results(results, results_path)
         if 'density_errors' not in results[model]:
             results[model]['density_errors'] = density_errors(run_dir, kimg)
@@ -149,27 +156,33 @@ def write_report(results, kimg, out):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    figure, axis = plt.subplots(figsize=(6, 4))
-    lines = ['| σ_rel | ' + ' | '.join(f'FID {m}' for m in MODELS) + ' |', '|---|' + '---|' * len(MODELS)]
+    figure, (fid_axis, kid_axis) = plt.subplots(1, 2, figsize=(11, 4))
+
+    def cells(name):
+        return ' | '.join(f'{results[m]["fid"].get(name, float("nan")):.2f} | '
+                          f'{1e3 * results[m].get("kid", {}).get(name, [float("nan")] * 2)[0]:.2f} ± '
+                          f'{1e3 * results[m].get("kid", {}).get(name, [float("nan")] * 2)[1]:.2f}' for m in MODELS)
+    lines = ['| σ_rel | ' + ' | '.join(f'FID {m} | KID×10³ {m}' for m in MODELS) + ' |',
+             '|---|' + '---|---|' * len(MODELS)]
     for std in results['stds']:
-        name = f'ckpt_{kimg:06d}_ema{std:.3f}'
-        lines.append(f'| {std:.3f} | ' + ' | '.join(f'{results[m]["fid"].get(name, float("nan")):.2f}'
-                                                    for m in MODELS) + ' |')
+        lines.append(f'| {std:.3f} | {cells(f"ckpt_{kimg:06d}_ema{std:.3f}")} |')
     trad = f'ckpt_{kimg:06d}'
-    lines.append(f'| traditional EMA (σ_rel ≈ {results["traditional_ema_std"]:.3f}) | ' +
-                 ' | '.join(f'{results[m]["fid"][trad]:.2f}' for m in MODELS) + ' |')
+    lines.append(f'| traditional EMA (σ_rel ≈ {results["traditional_ema_std"]:.3f}) | {cells(trad)} |')
     yard = yardstick_std(results['stds'])
-    lines.append(f'| {yard:.3f}, second seed set | ' + ' | '.join(
-        f'{results[m]["fid"][f"ckpt_2_{kimg:06d}_ema{yard:.3f}"]:.2f}' for m in MODELS) + ' |')
-    for model, color in zip(MODELS, ('C0', 'C1')):
-        points = [(std, results[model]['fid'][f'ckpt_{kimg:06d}_ema{std:.3f}']) for std in results['stds']]
-        axis.plot(*zip(*points), marker='o', color=color, label=f'{model}: post-hoc EMA')
-        axis.plot([results['traditional_ema_std']], [results[model]['fid'][trad]], marker='*', markersize=14,
-                  color=color, linestyle='none', label=f'{model}: traditional EMA')
-    axis.set_xlabel('EMA length σ_rel')
-    axis.set_ylabel(f'FID ({results["num"]} images)')
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize='small')
+    lines.append(f'| {yard:.3f}, second seed set | {cells(f"ckpt_2_{kimg:06d}_ema{yard:.3f}")} |')
+    for axis, metric, scale, label in ((fid_axis, 'fid', 1, 'FID'), (kid_axis, 'kid', 1e3, 'KID × 10³')):
+        def value(model, name):
+            entry = results[model].get(metric, {}).get(name, float('nan'))
+            return scale * (entry[0] if isinstance(entry, list) else entry)
+        for model, color in zip(MODELS, ('C0', 'C1')):
+            points = [(std, value(model, f'ckpt_{kimg:06d}_ema{std:.3f}')) for std in results['stds']]
+            axis.plot(*zip(*points), marker='o', color=color, label=f'{model}: post-hoc EMA')
+            axis.plot([results['traditional_ema_std']], [value(model, trad)], marker='*', markersize=14,
+                      color=color, linestyle='none', label=f'{model}: traditional EMA')
+        axis.set_xlabel('EMA length σ_rel')
+        axis.set_ylabel(f'{label} ({results["num"]} images)')
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize='small')
     figure.tight_layout()
     figure.savefig(os.path.join(out, 'ema-fid.png'), dpi=100)
     errors = ['| snapshots per track | ' + ' | '.join(MODELS) + ' |', '|---|' + '---|' * len(MODELS)]
@@ -213,8 +226,9 @@ def write_doc_section(doc, table, results, kimg, snap, out):
         f'0, PFGM++ D = 128 and EDM; tracks 0.05/0.07/0.10 with a snapshot every {snap} kimg '
         f'({results["d128"]["num_snapshots"]} files of {results["d128"]["snapshot_bytes"] / 1e6:.1f} MB per run). '
         f'Every σ_rel is rebuilt from the 0.05 and 0.10 snapshots. {results["num"]} images per folder (seeds 0–'
-        f'{results["num"] - 1}, the same for every σ_rel), FID against all 1,797 digits; at this size FID is biased '
-        f'upwards, so only differences mean something. Yardstick: σ_rel {yard:.3f} with a second seed set; the '
+        f'{results["num"] - 1}, the same for every σ_rel), FID and KID (× 10³, ± its std over 100 subsets) against '
+        f'all 1,797 digits; at this size FID is biased upwards, so only differences mean something (KID is '
+        f'unbiased). Yardstick: σ_rel {yard:.3f} with a second seed set; the '
         f'largest seed-set difference is {noise:.2f}. The traditional EMA (`--ema=0.005`, with its ramp-up) '
         f'weighs the iterates with σ_rel ≈ {results["traditional_ema_std"]:.3f} at the end of training.', '',
         table.split('\n\n')[0], '', '![FID against σ_rel](ema-fid.png)', '',
