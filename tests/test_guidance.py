@@ -78,7 +78,7 @@ def test_weight_one_returns_the_network_itself():
     assert guidance.guided(net, 1) is net and guidance.guided(net, 1.0, guide) is net
 
 
-@pytest.mark.parametrize('solver', ['heun', 'dpm2m'])
+@pytest.mark.parametrize('solver', sampler.SOLVERS)
 def test_interval_switches_at_the_right_sigma(solver):
     """Catches an open instead of closed interval, a reversed test, or the interval ignored: the guide is called
     exactly at the evaluations whose σ lies in [σ_lo, σ_hi], which here are grid points themselves."""
