@@ -392,6 +392,24 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_state(full_run, 
     assert re.search(r'^tick 2 +kimg 2\.0 +loss nan ', output, re.M), output  # the tick line shows it
 
 
+@pytest.mark.parametrize('lr, diverge_steps', [('1e30', '3'), ('1e37', '0')])
+def test_a_diverged_run_writes_no_post_hoc_ema_snapshot(lr, diverge_steps, data_zip, tmp_path):
+    """Snapshots every kimg, ticks every 2 kimg. With the guard on (1e30: the loss turns NaN, the weights stay
+    finite but meaningless) the run stops at the 1-kimg snapshot, before writing it; with the guard off (1e37: the
+    weights overflow) it trains on but writes no snapshot of non-finite weights. Catches snapshots written before
+    the tick's divergence check (the run used to leave phema-track-000001/000002 of its diverged weights)."""
+    result, output = invoke([f'--outdir={tmp_path}', f'--data={data_zip}', '--name=div', '--duration=0.002',
+                             f'--lr={lr}', f'--diverge-steps={diverge_steps}', '--phema=0.1', '--phema-snap=1']
+                            + PFGMPP + TINY[:4] + ['--tick=2'] + TINY[5:])
+    assert not [n for n in os.listdir(tmp_path / 'div') if n.startswith('phema-track')], output
+    if diverge_steps == '0':
+        assert result.exit_code == 0, output
+        assert output.count('no post-hoc EMA snapshot written') == 2, output
+    else:
+        errors = [line for line in output.splitlines() if line.startswith('Error')]
+        assert result.exit_code == 1 and len(errors) == 1 and 'diverged at 1.024 kimg' in errors[0], output
+
+
 def test_tick_line_shows_the_ticks_mean_loss(full_run):
     # The number printed is stats.jsonl's Loss/loss mean of the same tick (all micro-batches), not the last batch.
     full_dir, _outdir, log = full_run

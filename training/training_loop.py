@@ -20,8 +20,9 @@ and travel in the training state.
 
 Stopping early (docs/cluster.md): SIGTERM or SIGUSR1 ends the run after the step in progress with a training state
 at that step (torch_utils/preemption.py) and raises preemption.Preempted. A loss that stays non-finite for
-`diverge_steps` consecutive steps, or non-finite weights, raises TrainingDiverged at the end of the tick without
-writing anything; no training state with non-finite weights is ever written.
+`diverge_steps` consecutive steps, or non-finite weights, raises TrainingDiverged at the end of the tick (or at a
+post-hoc EMA snapshot, if one comes first) without writing anything; no training state with non-finite weights is
+ever written.
 """
 
 import contextlib
@@ -459,7 +460,7 @@ def _train(run, options, start_time):
             progress.data_position += run.loader_batch * run.num_rounds * run.world_size
             done = progress.cur_nimg >= total_nimg
             if run.phema is not None:
-                _phema_step(run, o, progress.cur_nimg, done)
+                _phema_step(run, o, progress, done)
             if done or progress.cur_tick == 0 or \
                     progress.cur_nimg >= progress.tick_start_nimg + o.kimg_per_tick * 1000:
                 _end_tick(run, o, progress, timing, done, stats)
@@ -468,11 +469,18 @@ def _train(run, options, start_time):
     return progress.cur_nimg
 
 
-def _phema_step(run, options, cur_nimg, done):
-    """Update the post-hoc EMA tracks after a step; write their snapshots (rank 0) when one is due."""
+def _phema_step(run, options, progress, done):
+    """Update the post-hoc EMA tracks after a step; write their snapshots (rank 0) when one is due, after the
+    divergence check (every rank takes part), so a diverged run leaves no snapshot of its diverged weights."""
+    cur_nimg = progress.cur_nimg
     run.phema.update(run.net, cur_nimg, options.batch_size)
     if done or phema.snapshot_due(cur_nimg - options.batch_size, cur_nimg, options.phema_snap_kimg):
-        if run.rank == 0:
+        finite = _run_finite(run)
+        _check_divergence(run, options, progress, finite)
+        if not finite:  # --diverge-steps=0 trains on, but keeps the last finite snapshots
+            distributed.print0(f'Warning: the weights are not finite at {cur_nimg / 1e3:.3f} kimg; no post-hoc EMA '
+                               f'snapshot written.')
+        elif run.rank == 0:
             for index, std in enumerate(run.phema.stds):
                 checkpoint.save_network_file(
                     os.path.join(options.run_dir, phema.track_file_name(cur_nimg // 1000, std)),
@@ -522,6 +530,11 @@ def weights_finite(*modules):
     return bool(torch.stack(flags).all()) if flags else True
 
 
+def _run_finite(run):
+    """Whether the network, the EMA and the post-hoc EMA tracks (if any) are all finite."""
+    return weights_finite(run.net, run.ema) and (run.phema is None or run.phema.finite())
+
+
 def _progress_record(run, options, progress, tick_ended):
     """The progress a training state holds: at a tick's end, the start of the next tick; mid-tick (preemption),
     the tick in progress, so the resumed run keeps the same tick boundaries."""
@@ -561,7 +574,7 @@ def _end_tick(run, options, progress, timing, done, stats):
     TensorBoard); then the next tick."""
     timing.tick_end = time.time()
     _report_tick(progress, timing, run.device)
-    finite = weights_finite(run.net, run.ema)
+    finite = _run_finite(run)
     _check_divergence(run, options, progress, finite)
     if options.state_dump_ticks is not None and progress.cur_tick != 0 and \
             (done or progress.cur_tick % options.state_dump_ticks == 0):
