@@ -149,15 +149,25 @@ class Logger:
         if not text:
             return
         if self.file is not None:
-            self.file.write(text)
+            self._to_file(self.file.write, text)
         self.stdout.write(text)
         if self.should_flush:
             self.flush()
 
     def flush(self):
         if self.file is not None:
-            self.file.flush()
+            self._to_file(self.file.flush)
         self.stdout.flush()
+
+    def _to_file(self, method, *args):
+        """A failed write (a full disk) ends the copy into the file, with one warning, rather than the program:
+        the log is a copy of the terminal, and the program's own files report the disk themselves."""
+        try:
+            method(*args)
+        except OSError as error:
+            name, self.file = self.file.name, None
+            self.stderr.write(f'Warning: cannot write {name} ({error.strerror or error}); from now on the log goes '
+                              f'to the terminal only.\n')
 
     def isatty(self):
         return False
@@ -169,5 +179,5 @@ class Logger:
         if sys.stderr is self:
             sys.stderr = self.stderr
         if self.file is not None:
-            self.file.close()
+            self._to_file(self.file.close)
             self.file = None

@@ -140,38 +140,61 @@ def test_preemption_state_is_resumed_but_never_listed_as_a_checkpoint(tmp_path):
 # --------------------------------------------------------------------------------------------------- write errors
 
 
+class FullDisk(io.RawIOBase):
+    """A raw file whose writes fail with ENOSPC once `after_bytes` have been written: where a full disk reports
+    itself."""
+
+    def __init__(self, raw, after_bytes):
+        self.raw, self.written, self.after_bytes = raw, 0, after_bytes
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.written += len(data)
+        if self.written > self.after_bytes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.raw.write(data)
+
+    def fileno(self):
+        return self.raw.fileno()
+
+    def close(self):
+        self.raw.close()
+        super().close()
+
+
+def full_disk_file(raw, mode, after_bytes, name):
+    """A FullDisk named `name` behind the buffered (and, without 'b' in mode, text) layers `open` would give."""
+    full = FullDisk(raw, after_bytes)
+    full.name = name
+    buffered = io.BufferedWriter(full)
+    return buffered if 'b' in mode else io.TextIOWrapper(buffered)
+
+
 def _failing_fdopen(monkeypatch, name_part, after_bytes=100):
-    """Make the files atomic_write opens for `name_part` fail with ENOSPC after `after_bytes`, at the raw write:
-    where a full disk reports itself."""
+    """Make the files atomic_write opens for `name_part` fail with ENOSPC after `after_bytes`, at the raw write."""
     real_fdopen = os.fdopen
 
-    class FullDisk(io.RawIOBase):
-        def __init__(self, raw):
-            self.raw, self.written = raw, 0
-
-        def writable(self):
-            return True
-
-        def write(self, data):
-            self.written += len(data)
-            if self.written > after_bytes:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return self.raw.write(data)
-
-        def fileno(self):
-            return self.raw.fileno()
-
-        def close(self):
-            self.raw.close()
-            super().close()
-
     def fdopen(fd, mode='r', *args, **kwargs):
-        if name_part in os.readlink(f'/proc/self/fd/{fd}') and 'w' in mode:
-            raw = FullDisk(real_fdopen(fd, 'wb', buffering=0))
-            return io.BufferedWriter(raw) if 'b' in mode else io.TextIOWrapper(io.BufferedWriter(raw))
+        path = os.readlink(f'/proc/self/fd/{fd}')
+        if name_part in path and 'w' in mode:
+            return full_disk_file(real_fdopen(fd, 'wb', buffering=0), mode, after_bytes, path)
         return real_fdopen(fd, mode, *args, **kwargs)
 
     monkeypatch.setattr(os, 'fdopen', fdopen)
+
+
+def failing_open(monkeypatch, module, name_part, after_bytes=100):
+    """Make the files `module` opens for appending or writing whose path contains `name_part` fail with ENOSPC
+    after `after_bytes` (module-level `open` shadows the builtin for that module only)."""
+    def full_open(path, mode='r', *args, **kwargs):
+        if name_part in os.fspath(path) and ('a' in mode or 'w' in mode):
+            return full_disk_file(open(path, mode.replace('t', '') + ('b' if 'b' not in mode else ''), buffering=0),
+                                  mode, after_bytes, os.fspath(path))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(module, 'open', full_open, raising=False)
 
 
 @pytest.mark.parametrize('writer', ['state', 'npz', 'png'])

@@ -410,6 +410,31 @@ def test_a_diverged_run_writes_no_post_hoc_ema_snapshot(lr, diverge_steps, data_
         assert result.exit_code == 1 and len(errors) == 1 and 'diverged at 1.024 kimg' in errors[0], output
 
 
+@pytest.mark.parametrize('full', ['log.txt', 'stats.jsonl'])
+def test_full_disk_on_the_log_or_the_statistics(full, data_zip, tmp_path, monkeypatch):
+    """log.txt full: the run goes on with one warning (log to the terminal only) and writes its training states;
+    stats.jsonl full: one error line naming it, exit 1. Catches the traceback a full disk gave: the logger's failed
+    write raised from inside print, and again while the error itself was printed."""
+    import dnnlib.util
+    from test_resilience import failing_open
+    from torch_utils import training_stats
+    failing_open(monkeypatch, dnnlib.util if full == 'log.txt' else training_stats, full, after_bytes=600)
+    result, output = invoke([f'--outdir={tmp_path}', f'--data={data_zip}', '--name=disk', '--duration=0.002']
+                            + PFGMPP + TINY)
+    assert 'Traceback' not in output
+    states = [n for n in os.listdir(tmp_path / 'disk') if n.startswith('training-state')]
+    if full == 'log.txt':
+        warnings = [line for line in output.splitlines() if line.startswith('Warning: cannot write')]
+        assert result.exit_code == 0 and len(warnings) == 1 and 'log.txt' in warnings[0], output
+        assert 'No space left on device' in warnings[0] and sorted(states) == ['training-state-000001.pt',
+                                                                               'training-state-000002.pt']
+        assert re.search(r'^tick 2 ', output, re.M), output  # the terminal still gets the log
+    else:
+        errors = [line for line in output.splitlines() if line.startswith('Error')]
+        assert result.exit_code == 1 and len(errors) == 1, output
+        assert 'No space left on device' in errors[0] and 'stats.jsonl' in errors[0], output
+
+
 def test_tick_line_shows_the_ticks_mean_loss(full_run):
     # The number printed is stats.jsonl's Loss/loss mean of the same tick (all micro-batches), not the last batch.
     full_dir, _outdir, log = full_run

@@ -127,20 +127,28 @@ class StatsFiles:
 
     def write(self, stats, nimg, timestamp):
         """stats: {name: {'num', 'mean', 'std'}} (Collector.as_dict()); nimg: images seen so far."""
-        self.jsonl.write(json.dumps(dict(stats, timestamp=timestamp)) + '\n')
-        self.jsonl.flush()
+        try:
+            self.jsonl.write(json.dumps(dict(stats, timestamp=timestamp)) + '\n')
+            self.jsonl.flush()
+        except OSError as error:  # a full disk: say which file
+            raise OSError(error.errno, error.strerror, self.jsonl.name) from error
         if self.events is not None:
             for name, value in stats.items():
                 self.events.add_scalar(name, value['mean'], global_step=int(nimg), walltime=timestamp)
             self.events.flush()
 
-    def close(self):
-        self.jsonl.close()
+    def close(self, quiet=False):
+        """quiet: ignore a failed flush (the error that ends the run is already on its way)."""
+        try:
+            self.jsonl.close()
+        except OSError:
+            if not quiet:
+                raise
         if self.events is not None:
             self.events.close()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(quiet=exc_type is not None)
