@@ -635,17 +635,33 @@ def save_state(run_dir, net, ema, optimizer, device, training_options, progress,
         rng_states = [rng_state]
     name = checkpoint.PREEMPTED_STATE_NAME if preempted else checkpoint.state_file_name(progress['cur_nimg'] // 1000)
     path = os.path.join(run_dir, name)
+    error = None
     if distributed.get_rank() == 0:
-        checkpoint.save_training_state(
-            path, network_config=net.config, net_state=net.state_dict(), ema_state=ema.state_dict(),
-            optimizer_state=optimizer.state_dict(), progress=progress,
-            training_options=dnnlib.util.plain_data(training_options), extra=dict(rng_states=rng_states),
-            phema=phema_state)
-        if not preempted:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(run_dir, checkpoint.PREEMPTED_STATE_NAME))
-    distributed.barrier()
+        try:
+            checkpoint.save_training_state(
+                path, network_config=net.config, net_state=net.state_dict(), ema_state=ema.state_dict(),
+                optimizer_state=optimizer.state_dict(), progress=progress,
+                training_options=dnnlib.util.plain_data(training_options), extra=dict(rng_states=rng_states),
+                phema=phema_state)
+            if not preempted:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(run_dir, checkpoint.PREEMPTED_STATE_NAME))
+        except OSError as caught:  # a full disk: every rank must stop, not wait at the next collective
+            error = caught
+    _share_write_outcome(error, path, device)
     return path
+
+
+def _share_write_outcome(error, path, device):
+    """Raise rank 0's write error on rank 0, and an OSError naming the file on the other ranks (instead of a
+    barrier after which they would wait for rank 0 at the next collective until the timeout)."""
+    if distributed.get_world_size() > 1:
+        failed = torch.tensor([0 if error is None else 1], device=device)
+        torch.distributed.broadcast(failed, src=0)
+        if failed.item() and error is None:
+            raise OSError(f'rank 0 could not write {path}')
+    if error is not None:
+        raise error
 
 
 class _WithKwargs(torch.nn.Module):
