@@ -435,25 +435,28 @@ def test_full_disk_on_the_log_or_the_statistics(full, data_zip, tmp_path, monkey
         assert 'No space left on device' in errors[0] and 'stats.jsonl' in errors[0], output
 
 
-def test_full_disk_on_rank_0_stops_every_rank_at_once(data_zip, tmp_path):
-    """torchrun, 2 ranks: rank 0's write of the 2-kimg state fails. One error line naming the file and no traceback
+@pytest.mark.parametrize('target, extra, kept', [
+    ('training-state-000002.pt', [], ['training-state-000001.pt']),
+    ('phema-track-000001-0.100.pt', ['--phema=0.1', '--phema-snap=1'], [])])
+def test_full_disk_on_rank_0_stops_every_rank_at_once(target, extra, kept, data_zip, tmp_path):
+    """torchrun, 2 ranks: rank 0's write of the 2-kimg state (or of the 1-kimg post-hoc EMA snapshot) fails. One error line naming the file and no traceback
     from any rank (rank 1 used to be left at the barrier after the save and die there with gloo's 'Connection
     closed by peer' traceback; NCCL would leave it waiting), a prompt non-zero exit, the 1-kimg state kept and no
     temporary left."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PFGMPP_DEVICE='cpu')
     started = time.time()
-    result = subprocess.run(TORCHRUN + [os.path.join(ROOT, 'tests', 'full_disk_at.py'), 'training-state-000002.pt',
+    result = subprocess.run(TORCHRUN + [os.path.join(ROOT, 'tests', 'full_disk_at.py'), target,
                                         f'--outdir={tmp_path}', f'--data={data_zip}', '--name=disk',
-                                        '--duration=0.002'] + PFGMPP + TINY,
+                                        '--duration=0.002'] + PFGMPP + TINY + extra,
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     seconds, output = time.time() - started, result.stdout + result.stderr
     errors = [line for line in output.splitlines() if line.startswith('Error')]
     assert result.returncode != 0 and seconds < 300, (seconds, output[-3000:])
-    assert len(errors) == 1 and 'No space left on device' in errors[0] and 'training-state-000002.pt' in errors[0]
+    assert len(errors) == 1 and 'No space left on device' in errors[0] and target in errors[0]
     assert not re.search(r'^\[rank\d\]:', output, re.M), output[-3000:]  # torchrun's prefix of a rank's traceback
     names = os.listdir(tmp_path / 'disk')
-    assert [name for name in names if 'training-state' in name] == ['training-state-000001.pt'], names
-    assert not [name for name in names if name.startswith('.') or name.endswith('.tmp')], names
+    assert [name for name in names if 'training-state' in name] == kept, names
+    assert not [name for name in names if name.startswith('.') or name.endswith('.tmp') or 'phema' in name], names
 
 
 def test_tick_line_shows_the_ticks_mean_loss(full_run):

@@ -480,12 +480,23 @@ def _phema_step(run, options, progress, done):
         if not finite:  # --diverge-steps=0 trains on, but keeps the last finite snapshots
             distributed.print0(f'Warning: the weights are not finite at {cur_nimg / 1e3:.3f} kimg; no post-hoc EMA '
                                f'snapshot written.')
-        elif run.rank == 0:
+        else:
+            _write_phema_snapshots(run, options, cur_nimg)
+
+
+def _write_phema_snapshots(run, options, cur_nimg):
+    """Rank 0 writes one snapshot per track; a failed write stops every rank (see _share_write_outcome)."""
+    error, path = None, options.run_dir
+    if run.rank == 0:
+        try:
             for index, std in enumerate(run.phema.stds):
-                checkpoint.save_network_file(
-                    os.path.join(options.run_dir, phema.track_file_name(cur_nimg // 1000, std)),
-                    network_config=run.net.config, ema_state=run.phema.network_state(index, run.net),
-                    info=run.phema.info(index, cur_nimg, options.batch_size))
+                path = os.path.join(options.run_dir, phema.track_file_name(cur_nimg // 1000, std))
+                checkpoint.save_network_file(path, network_config=run.net.config,
+                                             ema_state=run.phema.network_state(index, run.net),
+                                             info=run.phema.info(index, cur_nimg, options.batch_size))
+        except OSError as caught:
+            error = caught
+    _share_write_outcome(error, path, run.device)
 
 
 @contextlib.contextmanager
