@@ -173,7 +173,7 @@ def write_report(results, kimg, out):
     for axis, metric, scale, label in ((fid_axis, 'fid', 1, 'FID'), (kid_axis, 'kid', 1e3, 'KID × 10³')):
         def value(model, name):
             entry = results[model].get(metric, {}).get(name, float('nan'))
-            return scale * (entry[0] if isinstance(entry, list) else entry)
+            return scale * (entry[0] if isinstance(entry, (list, tuple)) else entry)
         for model, color in zip(MODELS, ('C0', 'C1')):
             points = [(std, value(model, f'ckpt_{kimg:06d}_ema{std:.3f}')) for std in results['stds']]
             axis.plot(*zip(*points), marker='o', color=color, label=f'{model}: post-hoc EMA')
