@@ -103,6 +103,14 @@ def create_temporary(directory, prefix, suffix, folder=False):
     raise FileExistsError(f'Cannot create a temporary name {prefix}*{suffix} in {directory}')
 
 
+def name_the_file(error, path):
+    """An OSError that names no file (a failed raw write) as one naming `path` ("[Errno 28] No space left on
+    device: 'path'"); any other error as it is."""
+    if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+        return OSError(error.errno, error.strerror, path)
+    return error
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode='wb'):
     """Open a temporary file beside `path`; rename it over `path` only if the block finishes without error.
@@ -127,8 +135,9 @@ def atomic_write(path, mode='wb'):
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
-            raise OSError(error.errno, error.strerror, path) from error  # "[Errno 28] No space ...: 'path'"
+        named = name_the_file(error, path)
+        if named is not error:
+            raise named from error
         raise
     for stale in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + '*.tmp')):
         with contextlib.suppress(FileNotFoundError):
@@ -165,7 +174,10 @@ class Logger:
         try:
             method(*args)
         except OSError as error:
-            name, self.file = self.file.name, None
+            failed, self.file = self.file, None
+            with contextlib.suppress(OSError):  # closing flushes again, and fails again
+                failed.close()
+            name = failed.name
             self.stderr.write(f'Warning: cannot write {name} ({error.strerror or error}); from now on the log goes '
                               f'to the terminal only.\n')
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import dnnlib
 from torch_utils import distributed
 
 _counters = dict()  # name -> {device: float64 tensor [count, sum, sum of squares]}, in first-report order
@@ -131,7 +132,10 @@ class StatsFiles:
             self.jsonl.write(json.dumps(dict(stats, timestamp=timestamp)) + '\n')
             self.jsonl.flush()
         except OSError as error:  # a full disk: say which file
-            raise OSError(error.errno, error.strerror, self.jsonl.name) from error
+            named = dnnlib.util.name_the_file(error, self.jsonl.name)
+            if named is not error:
+                raise named from error
+            raise
         if self.events is not None:
             for name, value in stats.items():
                 self.events.add_scalar(name, value['mean'], global_step=int(nimg), walltime=timestamp)

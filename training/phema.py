@@ -127,10 +127,6 @@ class PowerEMA:
         for gamma, track in zip(self.gammas, self.tracks):
             torch._foreach_lerp_(track, params, 1 - power_beta(gamma, cur_nimg, batch_size))
 
-    def finite(self):
-        """Whether every track is finite (one device→host read)."""
-        return bool(torch.stack([torch.isfinite(t).all() for track in self.tracks for t in track]).all())
-
     def state_dict(self):
         return dict(stds=list(self.stds), run_id=self.run_id,
                     tracks=[dict(zip(self.names, track)) for track in self.tracks])

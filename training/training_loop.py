@@ -536,14 +536,19 @@ class NonfiniteWatch:
 
 def weights_finite(*modules):
     """Whether every parameter and buffer of the modules is finite (one device→host read)."""
-    flags = [torch.isfinite(t).all() for m in modules for t in list(m.parameters()) + list(m.buffers())
-             if t.is_floating_point()]
+    return tensors_finite(t for m in modules for t in list(m.parameters()) + list(m.buffers()))
+
+
+def tensors_finite(tensors):
+    """Whether every floating-point tensor of `tensors` is finite (one device→host read)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
     return bool(torch.stack(flags).all()) if flags else True
 
 
 def _run_finite(run):
     """Whether the network, the EMA and the post-hoc EMA tracks (if any) are all finite."""
-    return weights_finite(run.net, run.ema) and (run.phema is None or run.phema.finite())
+    return weights_finite(run.net, run.ema) and (
+        run.phema is None or tensors_finite(t for track in run.phema.tracks for t in track))
 
 
 def _progress_record(run, options, progress, tick_ended):
